@@ -1,0 +1,107 @@
+"""The single dispatch point for adder arithmetic.
+
+Every adder computation in the package goes through the four functions below. A backend is an
+object with a ``name``, ``supports(op, *tensors) -> bool`` and any of the methods ``forward``,
+``grad_input``, ``grad_weight``, ``int_forward`` (same signatures as the functions here, geometry
+already normalised to pairs). The pure-PyTorch ``reference`` backend implements all of them and is
+what every faster backend is tested against.
+
+Selection: the first registered backend (fastest first) that supports the call, unless
+``ADDERQUANT_BACKEND`` or :func:`use_backend` names one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from . import reference
+
+Pair = tuple[int, int]
+_BACKENDS: list = []
+_forced: str | None = None
+
+
+def register(backend, first: bool = True) -> None:
+    """Add a backend; ``first`` puts it ahead of those already registered (faster ones go first)."""
+    global _BACKENDS
+    _BACKENDS = [b for b in _BACKENDS if b.name != backend.name]
+    _BACKENDS.insert(0 if first else len(_BACKENDS), backend)
+
+
+def available_backends() -> list[str]:
+    return [b.name for b in _BACKENDS]
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force one backend inside the block (``None`` restores automatic choice)."""
+    global _forced
+    if name is not None and name not in available_backends():
+        raise ValueError(f"unknown adder backend {name!r}; available: {available_backends()}")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def _pick(op: str, *tensors: torch.Tensor):
+    wanted = _forced or os.environ.get("ADDERQUANT_BACKEND") or None
+    if wanted == "auto":
+        wanted = None
+    for backend in _BACKENDS:
+        if wanted is not None and backend.name != wanted:
+            continue
+        if hasattr(backend, op) and backend.supports(op, *tensors):
+            return getattr(backend, op)
+    if wanted is not None and wanted != "reference":
+        return _pick_reference(op)
+    return _pick_reference(op)
+
+
+def _pick_reference(op: str):
+    return getattr(reference.BACKEND, op)
+
+
+def _pair(v) -> Pair:
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))
+
+
+def adder_forward(x, weight, stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """``Y[n,o,p] = -Σ_k |X_unf[n,k,p] - W[o,k]|`` (no bias, no validation: see nn.functional)."""
+    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    return _pick("forward", x, weight)(x, weight, s, p, d)
+
+
+def adder_grad_input(grad_out, x, weight, stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """``dX_unf[n,k,p] = Σ_o G[n,o,p] · HardTanh(W[o,k] - X_unf[n,k,p])``, folded back to X's shape."""
+    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    return _pick("grad_input", grad_out, x, weight)(grad_out, x, weight, s, p, d)
+
+
+def adder_grad_weight(grad_out, x, weight, stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """``dW[o,k] = Σ_{n,p} G[n,o,p] · (X_unf[n,k,p] - W[o,k])`` — the full-precision AdderNet gradient."""
+    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    return _pick("grad_weight", grad_out, x, weight)(grad_out, x, weight, s, p, d)
+
+
+def int_adder_conv2d(x_q, w_q, stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """Integer adder layer: ``acc[n,o,p] = -Σ_k |x_q - w_q|`` in int32; padding is a real zero input.
+
+    ``x_q`` is int8 or uint8 (N, C, H, W), ``w_q`` int8 (O, C, kh, kw); the result is exact.
+    """
+    for name, t in (("x_q", x_q), ("w_q", w_q)):
+        if t.dtype not in (torch.int8, torch.uint8, torch.int16, torch.int32):
+            raise TypeError(f"int_adder_conv2d: {name} must be an integer tensor, got {t.dtype}")
+    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    return _pick("int_forward", x_q, w_q)(x_q, w_q, s, p, d)
+
+
+register(reference.BACKEND)

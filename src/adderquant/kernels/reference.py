@@ -1,0 +1,73 @@
+"""Pure-PyTorch adder backend: the reference every other backend is tested against.
+
+Memory stays within a small multiple of the unfolded input: the forward uses ``torch.cdist(p=1)``
+(a distance primitive that never builds the ``N × O × K × P`` difference tensor); the input
+gradient walks the output channels in chunks sized so the temporary is at most ``_CHUNK_FACTOR``
+unfolded inputs; the weight gradient is two matrix products, because
+``Σ G·(X − W) = G·Xᵀ − W·ΣG``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_CHUNK_FACTOR = 4  # temporaries stay within this many copies of the unfolded input
+
+
+def _unfold(x, kernel, stride, padding, dilation):
+    return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, K, P)
+
+
+def _out_hw(x, kernel, stride, padding, dilation):
+    h = (x.shape[2] + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    w = (x.shape[3] + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    return h, w
+
+
+class _Reference:
+    name = "reference"
+
+    def supports(self, op, *tensors):
+        return True
+
+    def forward(self, x, weight, stride, padding, dilation):
+        n, o = x.shape[0], weight.shape[0]
+        kernel = tuple(weight.shape[2:])
+        ho, wo = _out_hw(x, kernel, stride, padding, dilation)
+        cols = _unfold(x, kernel, stride, padding, dilation).transpose(1, 2)  # (N, P, K)
+        w = weight.reshape(o, -1).to(cols.dtype)
+        dist = torch.cdist(cols.contiguous(), w.unsqueeze(0).expand(n, -1, -1).contiguous(), p=1)
+        return dist.neg_().transpose(1, 2).reshape(n, o, ho, wo)
+
+    def grad_input(self, grad_out, x, weight, stride, padding, dilation):
+        n, o = x.shape[0], weight.shape[0]
+        kernel = tuple(weight.shape[2:])
+        cols = _unfold(x, kernel, stride, padding, dilation)  # (N, K, P)
+        g = grad_out.reshape(n, o, -1).to(cols.dtype)
+        w = weight.reshape(o, -1).to(cols.dtype)
+        grad_cols = torch.zeros_like(cols)
+        step = max(1, _CHUNK_FACTOR)
+        for start in range(0, o, step):
+            wc = w[start : start + step, :, None]  # (c, K, 1)
+            diff = (wc.unsqueeze(0) - cols.unsqueeze(1)).clamp_(-1, 1)  # (N, c, K, P)
+            grad_cols += (diff * g[:, start : start + step, None, :]).sum(1)
+        return F.fold(grad_cols, x.shape[2:], kernel, dilation=dilation, padding=padding, stride=stride)
+
+    def grad_weight(self, grad_out, x, weight, stride, padding, dilation):
+        n, o = x.shape[0], weight.shape[0]
+        kernel = tuple(weight.shape[2:])
+        cols = _unfold(x, kernel, stride, padding, dilation)  # (N, K, P)
+        g = grad_out.reshape(n, o, -1).to(cols.dtype)
+        gx = torch.einsum("nop,nkp->ok", g, cols)
+        gsum = g.sum(dim=(0, 2))
+        w = weight.reshape(o, -1).to(cols.dtype)
+        return (gx - w * gsum[:, None]).reshape(weight.shape).to(weight.dtype)
+
+    def int_forward(self, x_q, w_q, stride, padding, dilation):
+        """Exact: float64 holds every partial sum of int8/uint8/int16 differences exactly."""
+        acc = self.forward(x_q.to(torch.float64), w_q.to(torch.float64), stride, padding, dilation)
+        return acc.to(torch.int32)
+
+
+BACKEND = _Reference()
