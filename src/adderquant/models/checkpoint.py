@@ -1,0 +1,165 @@
+"""Checkpoints: safetensors + a JSON sidecar of metadata, written atomically; importers for the
+authors' formats.
+
+``save`` writes ``X.safetensors`` (tensors) and ``X.json`` (model name, kind, classes, head,
+normalisation, training arguments, accuracy). ``load`` accepts those, the official AdderNet
+``.pth`` (DataParallel ``module.`` prefix, adder weights under ``.adder``), any registered importer
+(APoT adds one), and a plain state_dict of a registered model. PyTorch pickles are read with
+``weights_only=True`` unless the caller passes ``unsafe=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import create
+
+ADDERNET_NORM = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+
+
+@dataclass
+class Checkpoint:
+    """A model ready for evaluation plus what is needed to feed it."""
+
+    model: nn.Module
+    name: str
+    kind: str
+    num_classes: int
+    normalization: tuple[tuple[float, ...], tuple[float, ...]]
+    format: str
+    meta: dict = field(default_factory=dict)
+
+
+# An importer gets (state_dict, model name or None, options) and returns a Checkpoint or None.
+Importer = Callable[[dict, str | None, dict], "Checkpoint | None"]
+IMPORTERS: list[tuple[str, Importer]] = []
+
+
+def register_importer(name: str, importer: Importer) -> None:
+    IMPORTERS[:] = [(n, f) for n, f in IMPORTERS if n != name] + [(name, importer)]
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, name: str, kind: str, num_classes: int,
+         normalization, **meta) -> Path:
+    """Write ``model`` as safetensors + JSON metadata; both writes are temp-file + rename."""
+    tensors_path, meta_path = _paths(path)
+    tensors_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    info = {"model": name, "kind": kind, "num_classes": num_classes,
+            "head": getattr(model, "head", None),
+            "normalization": {"mean": list(normalization[0]), "std": list(normalization[1])}, **meta}
+    _atomic_write(tensors_path, lambda tmp: save_file(state, tmp, metadata={"format": "adderquant"}))
+    _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2, default=str)))
+    return tensors_path
+
+
+def load_into(model: nn.Module, state: dict, source: str) -> None:
+    """``load_state_dict`` with a message naming missing and unexpected keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or bad_shape:
+        def show(keys):
+            return ", ".join(keys[:8]) + (f" … (+{len(keys) - 8})" if len(keys) > 8 else "") or "none"
+        shapes = "; ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                           for k in bad_shape[:4])
+        raise ValueError(f"{source} does not match the model: missing keys: {show(missing)}; "
+                         f"unexpected keys: {show(unexpected)}" + (f"; shape mismatch: {shapes}" if shapes else ""))
+    model.load_state_dict(state)
+
+
+def strip_prefix(state: dict, prefix: str = "module.") -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def _import_official_addernet(state: dict, name: str | None, options: dict) -> Checkpoint | None:
+    if not any(k.endswith(".adder") for k in state):
+        return None
+    name = name or "resnet20"
+    mapped = {(k[: -len(".adder")] + ".weight" if k.endswith(".adder") else k): v for k, v in state.items()}
+    num_classes = mapped["fc.weight"].shape[0] if "fc.weight" in mapped else None
+    model = create(name, num_classes=num_classes, kind="adder")
+    load_into(model, mapped, "official AdderNet checkpoint")
+    return Checkpoint(model, name, "adder", model_classes(model), ADDERNET_NORM, "addernet-official")
+
+
+def model_classes(model: nn.Module) -> int:
+    fc = model.fc if hasattr(model, "fc") else model.classifier
+    return fc.out_features if isinstance(fc, nn.Linear) else fc.out_channels
+
+
+register_importer("addernet-official", _import_official_addernet)
+
+
+def _read_torch(path: Path, unsafe: bool) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not unsafe)
+    except Exception as err:  # torch raises UnpicklingError or RuntimeError for foreign objects
+        hint = "" if unsafe else " (it may hold non-tensor objects: pass unsafe=True / --unsafe-load to trust it)"
+        raise ValueError(f"cannot read {path} as a PyTorch checkpoint: {err}{hint}") from err
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} holds no state_dict of tensors")
+    return strip_prefix(dict(obj))
+
+
+def load(path: str | os.PathLike, name: str | None = None, *, kind: str | None = None,
+         unsafe: bool = False, **options) -> Checkpoint:
+    """Load any supported checkpoint; ``name``/``kind`` are needed only for bare state_dicts."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if p.suffix in (".safetensors", ".json"):
+        tensors_path, meta_path = _paths(p)
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{tensors_path} has no metadata file {meta_path}")
+        info = json.loads(meta_path.read_text())
+        extra = {"head": info["head"]} if info.get("head") else {}
+        model = create(info["model"], num_classes=info["num_classes"], kind=info["kind"], **extra)
+        load_into(model, load_file(tensors_path), str(tensors_path))
+        norm = info["normalization"]
+        return Checkpoint(model, info["model"], info["kind"], info["num_classes"],
+                          (tuple(norm["mean"]), tuple(norm["std"])), "adderquant", info)
+    state = _read_torch(p, unsafe)
+    for _, importer in IMPORTERS:
+        ckpt = importer(state, name, options)
+        if ckpt is not None:
+            ckpt.meta.setdefault("source", str(p))
+            return ckpt
+    if name is None or kind is None:
+        raise ValueError(f"{p} is a plain state_dict: pass the model name and kind (--model, --kind)")
+    fc_w = state.get("fc.weight")
+    model = create(name, num_classes=None if fc_w is None else fc_w.shape[0], kind=kind,
+                   **({"head": "linear"} if fc_w is not None and fc_w.dim() == 2 and name.startswith("resnet")
+                      and name in ("resnet20", "resnet32", "resnet56") else {}))
+    load_into(model, state, str(p))
+    norm = options.get("normalization", ADDERNET_NORM)
+    return Checkpoint(model, name, kind, model_classes(model), norm, "state_dict", {"source": str(p)})
