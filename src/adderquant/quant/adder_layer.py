@@ -1,0 +1,107 @@
+"""``QuantAdderConv2d``: the fake-quantized adder layer of the paper (Eq. 13 with Sec. 3.2 clamps).
+
+For group j with shared scale ``s_j = 2·r_j/(2^b−1)`` and channels ``I_j``::
+
+    x̄_j = clamp(round(X / s_j), q_n, q_p)          w̄ = clamp(round(W'[I_j] / s_j), q_n, q_p)
+    Y[:, I_j] = s_j · (x̄_j ⊕ w̄) + b_clamp[I_j]      (⊕: -Σ|·−·| over the window)
+
+where ``W'`` is W clamped to [-r_x, r_x] and ``b_clamp = -Σ max(|W_c| − r_x, 0)`` (Theorem 1) when the
+weight clamp is on. With ``lossless_act_clamp`` the unclamped ``x̃ = round(X/s_j)`` also feeds the
+exact compensation ``−Σ_window (max(x̃ − q_p, 0) + max(q_n − x̃, 0))`` — valid because every w̄ lies
+in [q_n, q_p], so ``|x̃ − w̄| = |clamp(x̃) − w̄| + excess(x̃)``.
+
+In evaluation the accumulator ``x̄ ⊕ w̄`` is computed on integer-valued tensors, so it equals the
+integer engine's int32 accumulator exactly. In training (QAT) the same function is computed on
+de-quantized values so that the AdderNet backward sees real-scale differences; rounding uses the
+straight-through estimator.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.functional import adaptive_scale, adder_conv2d
+from .uniform import int_range, quantize_int
+
+
+def window_sum(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    """Σ over each receptive field and every input channel (an all-ones convolution: additions only)."""
+    ones = torch.ones(1, x.shape[1], *kernel, dtype=x.dtype, device=x.device)
+    return F.conv2d(x, ones, stride=stride, padding=padding, dilation=dilation)
+
+
+class QuantAdderConv2d(nn.Module):
+    """Fake-quantized adder layer with group-shared scales; built by :func:`adderquant.quantize`."""
+
+    def __init__(self, weight: torch.Tensor, stride, padding, dilation, *, bits: int, group_of: torch.Tensor,
+                 ranges: torch.Tensor, clamp_bias: torch.Tensor | None, lossless_act_clamp: bool = False,
+                 eta: float | None = 0.2):
+        super().__init__()
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.kernel_size = tuple(weight.shape[2:])
+        self.in_channels, self.out_channels = weight.shape[1], weight.shape[0]
+        self.bits, self.eta, self.lossless_act_clamp = bits, eta, lossless_act_clamp
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.register_buffer("group_of", group_of.to(torch.long))
+        self.register_buffer("ranges", ranges.to(torch.float32))  # r_j, one per group
+        self.register_buffer("clamp_bias", torch.zeros(weight.shape[0]) if clamp_bias is None else clamp_bias.float())
+
+    @property
+    def groups(self) -> int:
+        return int(self.ranges.numel())
+
+    def scales(self) -> torch.Tensor:
+        return 2 * self.ranges / (2**self.bits - 1)
+
+    def channel_scales(self) -> torch.Tensor:
+        return self.scales()[self.group_of]
+
+    def int_weight(self) -> torch.Tensor:
+        """w̄ per channel with its group's scale, as integer-valued float (STE in training)."""
+        return quantize_int(self.weight, self.channel_scales().view(-1, 1, 1, 1), self.bits)
+
+    def excess(self, x_wide: torch.Tensor) -> torch.Tensor:
+        qn, qp = int_range(self.bits)
+        return (x_wide - qp).clamp_min(0) + (qn - x_wide).clamp_min(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scales = self.scales().to(x.dtype)
+        w_int = self.int_weight().to(x.dtype)
+        train = self.training and torch.is_grad_enabled()
+        w_full = None
+        if train:  # de-quantized weights; the AdderNet η rescaling applies to the whole layer once
+            w_full = w_int * self.channel_scales().view(-1, 1, 1, 1).to(x.dtype)
+            if w_full.requires_grad and self.eta is not None:
+                w_full.register_hook(lambda g: adaptive_scale(g, self.eta))
+        n, _, h, w = x.shape
+        out = None
+        for j in range(self.groups):
+            idx = (self.group_of == j).nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            s = scales[j]
+            qn, qp = int_range(self.bits)
+            x_wide = torch.round(x / s) if not train else None
+            if train:
+                x_int = quantize_int(x, s, self.bits)
+                acc_real = adder_conv2d(x_int * s, w_full[idx], None, self.stride, self.padding, self.dilation)
+                y = acc_real
+            else:
+                x_int = x_wide.clamp(qn, qp)
+                acc = adder_conv2d(x_int, w_int[idx], None, self.stride, self.padding, self.dilation)
+                y = acc * s
+            if self.lossless_act_clamp:
+                xw = torch.round(x / s) if train else x_wide
+                corr = window_sum(self.excess(xw).detach() if train else self.excess(xw), self.kernel_size,
+                                  self.stride, self.padding, self.dilation)
+                y = y - corr * s
+            if out is None:
+                out = x.new_empty(n, self.out_channels, y.shape[2], y.shape[3])
+            out[:, idx] = y
+        return out + self.clamp_bias.to(x.dtype).view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, bits={self.bits}, "
+                f"groups={self.groups}, lossless_act_clamp={self.lossless_act_clamp}")
