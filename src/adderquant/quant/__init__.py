@@ -7,6 +7,7 @@ from torch import nn
 from .adder_layer import QuantAdderConv2d
 from .config import QuantConfig, preset
 from .ptq import calibrate, choose_qssf, quantize_adder
+from .qat import QATConfig, qat
 
 
 def quantize(model: nn.Module, calib, bits: int | None = None, config: QuantConfig | None = None, *,
@@ -31,4 +32,5 @@ def quantize(model: nn.Module, calib, bits: int | None = None, config: QuantConf
     return quantize_adder(model, calib, config, batch_size=batch_size, progress=progress)
 
 
-__all__ = ["QuantAdderConv2d", "QuantConfig", "calibrate", "choose_qssf", "preset", "quantize", "quantize_adder"]
+__all__ = ["QATConfig", "QuantAdderConv2d", "QuantConfig", "calibrate", "choose_qssf", "preset", "qat", "quantize",
+           "quantize_adder"]

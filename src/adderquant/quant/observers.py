@@ -42,18 +42,23 @@ class AbsRangeObserver:
         keep = self._keep()
         self._top = merged if keep is None or merged.numel() <= keep else torch.topk(merged, keep).values
 
-    def percentile(self) -> float:
+    def percentile(self, alpha: float | None = None) -> float:
+        """Exact ``sorted|X|[ceil(α(n−1))]`` for any α ≥ the α the observer was built with."""
+        alpha = self.alpha if alpha is None else alpha
         n = self.count
         if self.total is not None and self.total != n:
             raise RuntimeError(f"observer expected {self.total} values, saw {n}")
-        idx = percentile_index(n, self.alpha)
+        if alpha < self.alpha and self.total is not None:
+            raise ValueError(f"observer kept the top values for α ≥ {self.alpha}, asked for {alpha}")
+        idx = percentile_index(n, alpha)
         # rank from the top (0-based) of the wanted value
         from_top = n - 1 - idx
         top = torch.sort(self._top, descending=True).values
         return float(top[from_top])
 
-    def range(self, clamp: bool, mode: str) -> float:
+    def range(self, clamp: bool, mode: str, alpha: float | None = None) -> float:
         """The activation range r_x: percentile / α·max when clamping outliers, else max|X|."""
+        alpha = self.alpha if alpha is None else alpha
         if not clamp:
             return self.max
-        return self.percentile() if mode == "percentile" else self.alpha * self.max
+        return self.percentile(alpha) if mode == "percentile" else alpha * self.max

@@ -39,13 +39,17 @@ def _first_last(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, calib, config: QuantConfig, batch_size: int = 256,
-              progress: bool = True) -> dict[str, AbsRangeObserver]:
-    """Observe |input| of every adder layer (and first/last layer) on the full-precision model."""
+              progress: bool = True, min_alpha: float | None = None) -> dict[str, AbsRangeObserver]:
+    """Observe |input| of every adder layer (and first/last layer) on the full-precision model.
+
+    The observers answer any α ≥ ``min_alpha`` (default ``config.alpha``), so one calibration pass
+    serves a whole sweep of configurations.
+    """
     targets = {n: m for n, m in model.named_modules() if isinstance(m, AdderConv2d)}
     if config.quantize_first_last:
         targets.update({n: model.get_submodule(n) for n in _first_last(model)})
     total = calib.shape[0] if isinstance(calib, torch.Tensor) else None
-    observers = {n: AbsRangeObserver(config.alpha) for n in targets}
+    observers = {n: AbsRangeObserver(min(config.alpha, min_alpha or 1.0)) for n in targets}
     sizes: dict[str, int] = {}
 
     def hook(name):
@@ -85,28 +89,33 @@ def layer_parameters(weight: torch.Tensor, r_x: float, config: QuantConfig):
         r_w = float(w[group_of == j].abs().max())
         r = {"min": min(r_w, r_x), "weights": r_w, "activations": r_x}[config.scale_source]
         ranges.append(max(r, 1e-8))
-    ranges = torch.tensor(ranges, dtype=torch.float64)
+    ranges = torch.tensor(ranges, dtype=torch.float32)  # the layer's buffer: scales derive from it
     clamp_bias = None
     if config.weight_clamp:
         qn, qp = int_range(config.bits)
-        s = (2 * ranges / (2**config.bits - 1))[group_of].view(-1, 1, 1, 1)
+        s = (2 * ranges / (2**config.bits - 1)).double()[group_of].view(-1, 1, 1, 1)
         lo, hi = (qn * s, qp * s) if config.clamp_to == "representable" else (-r_x + 0 * s, r_x + 0 * s)
         clamped = torch.minimum(torch.maximum(w, lo), hi)
         clamp_bias = -(w - clamped).abs().flatten(1).sum(1)
         w = clamped
-    return w.to(weight.dtype), group_of, ranges.float(), clamp_bias
+    return w.to(weight.dtype), group_of, ranges, clamp_bias
 
 
 def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int = 256,
-                   progress: bool = True) -> nn.Module:
-    """Fake-quantized copy of an AdderNet under ``config`` (the original is untouched)."""
+                   progress: bool = True, observers: dict[str, AbsRangeObserver] | None = None) -> nn.Module:
+    """Fake-quantized copy of an AdderNet under ``config`` (the original is untouched).
+
+    ``observers`` from an earlier :func:`calibrate` call skip the calibration pass."""
     q = copy.deepcopy(model).eval()
-    observers = calibrate(q, calib, config, batch_size, progress)
+    if observers is None:
+        observers = calibrate(q, calib, config, batch_size, progress)
     stats = {}
     for name, obs in observers.items():
         module = q.get_submodule(name)
+        if not isinstance(module, AdderConv2d) and not config.quantize_first_last:
+            continue
         if isinstance(module, AdderConv2d):
-            r_x = obs.range(config.act_clamp, config.act_clamp_mode)
+            r_x = obs.range(config.act_clamp, config.act_clamp_mode, config.alpha)
             w, group_of, ranges, bias = layer_parameters(module.weight, r_x, config)
             new = QuantAdderConv2d(w, module.stride, module.padding, module.dilation, bits=config.bits,
                                    group_of=group_of, ranges=ranges, clamp_bias=bias,
@@ -134,7 +143,7 @@ def _calibration_score(model: nn.Module, calib: torch.Tensor, labels, reference,
 
 
 def choose_qssf(model: nn.Module, calib: torch.Tensor, bits: int, labels=None, batch_size: int = 256,
-                progress: bool = True, **overrides) -> nn.Module:
+                progress: bool = True, observers=None, **overrides) -> nn.Module:
     """QSSF = the better of ``qssf-w`` and ``qssf-a`` on the calibration set (labels if given, else
     agreement with the full-precision predictions). The winner is recorded in ``quant_config``."""
     reference = None
@@ -144,7 +153,8 @@ def choose_qssf(model: nn.Module, calib: torch.Tensor, bits: int, labels=None, b
     best, best_score = None, -1.0
     scores = {}
     for source in ("weights", "activations"):
-        cand = quantize_adder(model, calib, QuantConfig.qssf(source, bits, **overrides), batch_size, progress)
+        config = QuantConfig.qssf(source, bits, **overrides)
+        cand = quantize_adder(model, calib, config, batch_size, progress, observers=observers)
         scores[cand.quant_config.method] = score = _calibration_score(cand, calib, labels, reference, batch_size)
         if score > best_score:
             best, best_score = cand, score
