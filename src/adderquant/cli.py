@@ -1,0 +1,213 @@
+"""Command line: ``adderquant <command> ...``.
+
+Each command is a pair of small functions: ``_add_<cmd>(subparsers)`` builds its parser and
+``_run_<cmd>(args) -> int`` calls the Python API; the pairs are listed in :data:`COMMANDS`. To add
+a command, write its pair and append one entry. Keep the work in the library: a ``_run_`` function
+only turns arguments into API calls and results into output.
+
+Conventions: ``--json`` makes the LAST stdout line one JSON object (progress bars go to stderr);
+``ValueError`` / ``FileNotFoundError`` raised by the API become a one-line ``adderquant <cmd>:
+error: ...`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+DATA_ENV = "ADDERQUANT_DATA"
+
+
+def _emit(args, payload: dict, human: str) -> None:
+    """Print ``human`` text, or with ``--json`` one JSON line (the last stdout line)."""
+    if getattr(args, "json", False):
+        print(json.dumps(payload, default=str), flush=True)
+    else:
+        print(human, flush=True)
+
+
+def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    if data:
+        p.add_argument("--data", default=os.environ.get(DATA_ENV),
+                       help=f"data set: a .npz, a shard directory, ... (default: ${DATA_ENV})")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line (the last line)")
+
+
+def _data(args):
+    from .data import load_dataset
+
+    if not args.data:
+        raise FileNotFoundError(f"no data set given: pass --data PATH or set {DATA_ENV}")
+    return load_dataset(args.data)
+
+
+def _device(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def _add_train(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train a model with the AdderNet recipe (resumable; torchrun for DDP)",
+                       description="Train with SGD momentum 0.9, wd 5e-4, cosine lr, crop+flip. Writes "
+                                   "log.jsonl, checkpoint.safetensors/.json and state.pt into --out.")
+    p.add_argument("--model", required=True, help="registered model name (see `adderquant models`)")
+    p.add_argument("--kind", default="adder", choices=("adder", "conv"))
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=256, help="global batch size (default 256)")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--eta", type=float, default=0.2, help="adder adaptive gradient scale (default 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output directory (default runs/<model>-<kind>-s<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt when present")
+    p.add_argument("--stop-after", type=int, default=None, help="run at most N epochs now (resume later)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop after the epoch that would overrun this many seconds")
+    p.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
+    p.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (adder layers stay fp32)")
+    _add_common(p)
+    return p
+
+
+def _run_train(args) -> int:
+    from .train import TrainConfig, train
+
+    dataset = _data(args)
+    config = TrainConfig(
+        model=args.model, kind=args.kind, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        eta=args.eta, seed=args.seed, amp=args.amp,
+        out_dir=args.out or f"runs/{args.model}-{args.kind}-s{args.seed}",
+        limit_train=args.limit_train, limit_test=args.limit_test, eval_every=args.eval_every,
+        resume=args.resume, stop_after=args.stop_after, time_limit=args.time_limit,
+        device=args.device, progress=not args.json)
+    result = train(config, dataset)
+    if result["rank"] != 0:
+        return 0
+    last = result["last"]
+    top1 = last.get("test_top1")
+    human = (f"{args.model} ({args.kind}) on {dataset.name}: {result['epochs_done']}/{args.epochs} epochs"
+             + (f", test top-1 {top1:.2f} %" if top1 is not None else "")
+             + f"; checkpoint {result['checkpoint']}")
+    _emit(args, {**result, "data": args.data, "dataset": dataset.name}, human)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- eval
+
+
+def _add_eval(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on the test split",
+                       description="Evaluate any supported checkpoint (adderquant safetensors, the official "
+                                   "AdderNet .pth, registered importers, plain state_dicts).")
+    p.add_argument("--model", default=None,
+                   help="model name (required for plain state_dicts; checked against the checkpoint)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--kind", default=None, choices=("adder", "conv"), help="needed for plain state_dicts")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N test images")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="allow arbitrary pickled objects in the checkpoint (only for files you trust)")
+    _add_common(p)
+    return p
+
+
+def _run_eval(args) -> int:
+    from .evaluate import evaluate
+    from .models import checkpoint
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
+    ckpt = checkpoint.load(args.checkpoint, args.model, kind=args.kind, unsafe=args.unsafe_load)
+    dataset = _data(args)
+    if args.model is not None and ckpt.name != args.model:
+        raise ValueError(f"{args.checkpoint} holds a {ckpt.name}, not a {args.model}")
+    if args.kind is not None and ckpt.kind != args.kind:
+        raise ValueError(f"{args.checkpoint} holds a {ckpt.kind} model, not {args.kind}")
+    if ckpt.num_classes != len(dataset.classes):
+        raise ValueError(f"{args.checkpoint} has {ckpt.num_classes} classes but {dataset.name} has "
+                         f"{len(dataset.classes)}")
+    n = len(dataset.x_test) if args.limit is None else min(args.limit, len(dataset.x_test))
+    device = _device(args)
+    model = ckpt.model.to(device)
+    res = evaluate(model, dataset.x_test[:n], dataset.y_test[:n], ckpt.normalization,
+                   batch_size=args.batch_size, device=device, progress=not args.json)
+    payload = {**res.summary(), "model": ckpt.name, "kind": ckpt.kind, "format": ckpt.format,
+               "checkpoint": args.checkpoint, "data": args.data, "dataset": dataset.name,
+               "device": device, "normalization": ckpt.normalization}
+    human = (f"{ckpt.name} ({ckpt.kind}, {ckpt.format}) on {dataset.name} test, {res.n} images: "
+             f"top-1 {res.top1:.2f} %, top-5 {res.top5:.2f} % ({res.seconds:.1f} s)")
+    _emit(args, payload, human)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def _add_models(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("models", help="list the registered models")
+    p.add_argument("--json", action="store_true", help="print the list as one JSON line")
+    return p
+
+
+def _run_models(args) -> int:
+    from . import models
+
+    rows = [{"name": n, "dataset": models.REGISTRY[n].dataset, "num_classes": models.REGISTRY[n].num_classes,
+             "input_size": models.input_size(n)} for n in models.names()]
+    human = "\n".join(f"{r['name']:<12} {r['dataset']:<9} {r['num_classes']:>5} classes  "
+                      f"{r['input_size']}×{r['input_size']}" for r in rows)
+    _emit(args, {"models": rows}, human)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+# (build the parser, run it): append a pair to add a command.
+COMMANDS: list[tuple[Callable, Callable[[argparse.Namespace], int]]] = [
+    (_add_train, _run_train),
+    (_add_eval, _run_eval),
+    (_add_models, _run_models),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="adderquant",
+        description="AdderNets and their low-bit quantization: train, evaluate, quantize, measure.")
+    parser.add_argument("--version", action="version", version=f"adderquant {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for add, run in COMMANDS:
+        add(sub).set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the API wrote
+        print(f"adderquant {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"adderquant {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""Training with the AdderNet recipe, resumable, single device or ``torchrun`` DDP.
+
+Recipe (Chen et al., CVPR 2020, the authors' CIFAR script): SGD momentum 0.9, weight decay 5e-4 on
+every parameter, global batch 256, learning rate ``lr · ½(1 + cos(π·epoch/epochs))`` stepped once per
+epoch (lr 0.1: the authors' ``0.05·(1 + cos(π·epoch/400))``), adder weight gradients rescaled to norm
+``η·sqrt(numel)`` with η = 0.2, random crop (4-pixel zero padding) + horizontal flip.
+
+Data stay in memory as uint8 tensors (on the GPU when there is one); augmentation and normalisation
+run on the batch where it is. Each epoch is reproducible from ``(seed, epoch)`` alone: the shuffle
+and augmentation generators are seeded from them, so a run resumed from ``state.pt`` ends with the
+same weights as an uninterrupted one.
+
+Files in ``out_dir``: ``log.jsonl`` (one JSON object per epoch), ``checkpoint.safetensors`` +
+``checkpoint.json`` (:func:`adderquant.models.checkpoint.save`, loadable by ``adderquant eval``), and
+``state.pt`` (model, optimizer, scheduler, epoch, RNG states; written atomically after the log line).
+
+Multi-GPU: launch with ``torchrun --nproc-per-node G``; with ``WORLD_SIZE > 1`` the model is wrapped
+in ``DistributedDataParallel``, each rank takes every G-th index of the epoch's permutation (padded
+to equal length, as ``DistributedSampler`` does) and ``batch_size / G`` images per step, and only
+rank 0 evaluates, logs and saves. Note that the adaptive adder scaling normalises each rank's
+gradient before DDP averages them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import models
+from .data import CIFAR_ADDERNET_NORM, IMAGENET_NORM, Dataset, batches, normalize, random_crop_flip
+from .evaluate import evaluate, show_progress
+from .models import checkpoint
+from .nn import AdderConv2d
+
+LOG_NAME, STATE_NAME, CHECKPOINT_NAME = "log.jsonl", "state.pt", "checkpoint"
+
+# Fields that define the optimisation trajectory: resuming with any of them changed is refused.
+_RECIPE_FIELDS = ("model", "kind", "num_classes", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+                  "eta", "seed", "amp", "limit_train", "normalization", "model_options", "padding")
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    kind: str = "adder"
+    num_classes: int | None = None  # default: the data set's class count
+    epochs: int = 400
+    batch_size: int = 256  # global: split over the ranks under DDP
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    eta: float | None = 0.2  # AdderNet adaptive gradient scale of adder layers (None: off)
+    seed: int = 0
+    amp: bool = False  # bfloat16 autocast for the conventional layers; adder layers compute in fp32
+    out_dir: str = "runs/train"
+    limit_train: int | None = None  # first N training images only (tests, smoke runs)
+    limit_test: int | None = None  # first N test images for the per-epoch evaluation
+    eval_every: int = 1  # evaluate every k epochs (and always after the last)
+    resume: bool = False  # continue from out_dir/state.pt when it exists
+    stop_after: int | None = None  # run at most this many epochs in this call (then resume later)
+    time_limit: float | None = None  # seconds: stop after the epoch that would overrun this budget
+    padding: int = 4  # random-crop padding
+    normalization: tuple | None = None  # default: CIFAR_ADDERNET_NORM for CIFAR models
+    model_options: dict = field(default_factory=dict)  # passed to models.create (e.g. head="linear")
+    device: str | None = None  # default: cuda (this rank's GPU) if available, else cpu
+    distributed: bool | None = None  # None: DDP when WORLD_SIZE > 1; True: DDP from the env even for 1
+    progress: bool = True
+
+    def resolved_normalization(self) -> tuple:
+        if self.normalization is not None:
+            mean, std = self.normalization
+            return tuple(mean), tuple(std)
+        cifar = models.REGISTRY[self.model].dataset == "cifar" if self.model in models.REGISTRY else True
+        return CIFAR_ADDERNET_NORM if cifar else IMAGENET_NORM
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+
+@dataclass
+class _World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    ddp: bool = False  # wrap in DistributedDataParallel
+    owns_group: bool = False  # we initialised the process group, so we destroy it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_world(config: TrainConfig) -> _World:
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    wanted = config.distributed if config.distributed is not None else size > 1
+    if not wanted:
+        return _World()
+    if dist.is_initialized():
+        owns = False
+    else:
+        on_gpu = torch.cuda.is_available() and str(config.device or "cuda").startswith("cuda")
+        backend = "nccl" if on_gpu else "gloo"
+        dist.init_process_group(backend=backend)  # MASTER_ADDR/PORT, RANK, WORLD_SIZE from torchrun
+        owns = True
+    return _World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), True, owns)
+
+
+def _device(config: TrainConfig, world: _World) -> torch.device:
+    if config.device is not None and config.device != "cuda":
+        return torch.device(config.device)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
+    if config.device == "cuda":
+        raise ValueError("device cuda requested but CUDA is not available")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def _epoch_generator(seed: int, epoch: int, stream: int, device: torch.device) -> torch.Generator:
+    """Independent, reproducible random stream per (seed, epoch, purpose)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + epoch * 101 + stream) % 2**63)
+    return g
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(Exception):  # a different GPU count: leave CUDA streams as seeded
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _recipe(config: TrainConfig) -> dict:
+    d = dataclasses.asdict(config)
+    d["normalization"] = [list(v) for v in config.resolved_normalization()]
+    return {k: d[k] for k in _RECIPE_FIELDS}
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _check_config(config: TrainConfig, dataset: Dataset) -> None:
+    if config.model not in models.REGISTRY:
+        raise ValueError(f"unknown model {config.model!r}; choose from {models.names()}")
+    if config.epochs < 1:
+        raise ValueError(f"epochs must be ≥ 1, got {config.epochs}")
+    if config.batch_size < 2:
+        raise ValueError(f"batch_size must be ≥ 2 (BatchNorm), got {config.batch_size}")
+    if config.eval_every < 1:
+        raise ValueError(f"eval_every must be ≥ 1, got {config.eval_every}")
+    if config.num_classes is not None and config.num_classes < len(dataset.classes):
+        raise ValueError(f"num_classes={config.num_classes} but {dataset.name} has "
+                         f"{len(dataset.classes)} classes")
+    if config.limit_train is not None and config.limit_train < 2:
+        raise ValueError(f"limit_train must be ≥ 2, got {config.limit_train}")
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def _shard(n: int, epoch: int, config: TrainConfig, world: _World) -> torch.Tensor:
+    """This rank's indices for ``epoch``: a seeded permutation, padded to a multiple of the world
+    size and strided over the ranks (the ``DistributedSampler`` scheme)."""
+    order = torch.randperm(n, generator=_epoch_generator(config.seed, epoch, 0, torch.device("cpu")))
+    if world.size > 1:
+        total = math.ceil(n / world.size) * world.size
+        order = torch.cat([order, order[: total - n]])
+        order = order[world.rank :: world.size]
+    return order
+
+
+def _train_epoch(model, optimizer, x, y, epoch, config, world, device, norm) -> dict:
+    model.train()
+    local_batch = max(2, config.batch_size // world.size)
+    idx = _shard(len(x), epoch, config, world).to(x.device)
+    aug = _epoch_generator(config.seed, epoch, 1, device)
+    loader = batches(x[idx], y[idx], local_batch, shuffle=False, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+               disable=not (world.main and show_progress(config.progress)))
+    for xb, yb in bar:
+        if len(xb) < 2:  # BatchNorm cannot train on a single image
+            continue
+        inputs = normalize(random_crop_flip(xb, config.padding, generator=aug), *norm)
+        with autocast:
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach().double() * len(yb)
+        correct += logits.detach().argmax(1).eq(yb).sum()
+        seen += len(yb)
+        if not bar.disable:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device,
+                                                                    dtype=torch.float64)])
+    if world.size > 1:
+        dist.all_reduce(totals)
+    loss_total, correct_total, n_total = totals.tolist()
+    return {"train_loss": loss_total / max(n_total, 1), "train_acc": 100.0 * correct_total / max(n_total, 1),
+            "images": int(n_total)}
+
+
+def _out_of_time(started: float, ran: int, limit: float, world: _World, device: torch.device) -> bool:
+    """Would one more epoch (at the mean pace so far) overrun ``limit``? Rank 0 decides for all, so
+    the ranks never disagree (a rank left waiting in a collective would hang)."""
+    elapsed = time.perf_counter() - started
+    stop = torch.tensor([elapsed + elapsed / ran > limit], dtype=torch.int32, device=device)
+    if world.size > 1:
+        dist.broadcast(stop, 0)
+    return bool(stop.item())
+
+
+def train(config: TrainConfig, dataset: Dataset) -> dict:
+    """Train ``config.model`` on ``dataset``; returns a summary (also the last ``log.jsonl`` record).
+
+    Raises ``ValueError`` for an inconsistent configuration, including resuming a run whose
+    ``state.pt`` was written with a different recipe.
+    """
+    _check_config(config, dataset)
+    world = _init_world(config)
+    try:
+        return _train(config, dataset, world)
+    finally:
+        if world.owns_group:
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, dataset: Dataset, world: _World) -> dict:
+    device = _device(config, world)
+    norm = config.resolved_normalization()
+    num_classes = config.num_classes or len(dataset.classes)
+    out = Path(config.out_dir)
+    log_path, state_path = out / LOG_NAME, out / STATE_NAME
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    seed_everything(config.seed)
+    model = models.create(config.model, num_classes=num_classes, kind=config.kind, **config.model_options)
+    for m in model.modules():
+        if isinstance(m, AdderConv2d):
+            m.eta = config.eta
+    model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+
+    start_epoch = 0
+    if config.resume and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)  # our own file
+        if state["recipe"] != _recipe(config):
+            diff = {k: (state["recipe"].get(k), v) for k, v in _recipe(config).items()
+                    if state["recipe"].get(k) != v}
+            raise ValueError(f"{state_path} was written with a different configuration (saved, now): {diff}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start_epoch = state["epoch"]
+        if world.main and log_path.exists():  # drop records of an epoch that did not reach state.pt
+            kept = [line for line in log_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["epoch"] <= start_epoch]
+            log_path.write_text("".join(line + "\n" for line in kept))
+    elif world.main:
+        log_path.write_text("")
+        state_path.unlink(missing_ok=True)
+
+    core = model
+    if world.ddp:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    n = len(dataset.x_train) if config.limit_train is None else min(config.limit_train, len(dataset.x_train))
+    x_train, y_train = dataset.x_train[:n].to(device), dataset.y_train[:n].to(device)
+    n_test = len(dataset.x_test) if config.limit_test is None else min(config.limit_test, len(dataset.x_test))
+    x_test, y_test = dataset.x_test[:n_test], dataset.y_test[:n_test]
+
+    record: dict = {}
+    epoch, ran, started = start_epoch, 0, time.perf_counter()
+    while epoch < config.epochs:
+        if config.stop_after is not None and ran >= config.stop_after:
+            break
+        lr = optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        stats = _train_epoch(model, optimizer, x_train, y_train, epoch, config, world, device, norm)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        scheduler.step()
+        epoch += 1
+        ran += 1
+        top1 = eval_seconds = None
+        if world.main and (epoch % config.eval_every == 0 or epoch == config.epochs) and n_test:
+            res = evaluate(core, x_test, y_test, norm, device=device, progress=config.progress)
+            top1, eval_seconds = res.top1, res.seconds
+        record = {"epoch": epoch, "lr": lr, "train_loss": stats["train_loss"],
+                  "train_acc": stats["train_acc"], "test_top1": top1, "seconds": seconds,
+                  "images_per_s": stats["images"] / seconds,
+                  "eval_seconds": eval_seconds, "n_train": n, "n_test": n_test}
+        if world.main:
+            checkpoint.save(core, out / CHECKPOINT_NAME, name=config.model, kind=config.kind,
+                            num_classes=num_classes, normalization=norm, epoch=epoch, test_top1=top1,
+                            data=dataset.name, data_source=dataset.source, config=dataclasses.asdict(config))
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            state = {"epoch": epoch, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "recipe": _recipe(config)}
+            _atomic_torch_save(state, state_path)
+        if world.size > 1:
+            dist.barrier()
+        if config.time_limit is not None and _out_of_time(started, ran, config.time_limit, world, device):
+            break
+
+    return {"epochs_done": epoch, "finished": epoch >= config.epochs, "resumed_from": start_epoch,
+            "out_dir": str(out), "checkpoint": str(out / (CHECKPOINT_NAME + ".safetensors")),
+            "log": str(log_path), "last": record, "model": config.model, "kind": config.kind,
+            "rank": world.rank, "world_size": world.size}
+
+
+__all__ = ["TrainConfig", "train", "seed_everything"]
