@@ -231,3 +231,32 @@ def test_config_rejects_bad_values():
         QuantConfig(group_feature="median")
     with pytest.raises(ValueError, match="method"):
         quantize(_tiny_adder_net(), torch.randn(2, 3, 8, 8), method="nonsense", progress=False)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 8), st.integers(0, 2**31 - 1))
+def test_unsigned_grid_keeps_theorem1_exact_for_nonnegative_inputs(bits, seed):
+    """Non-negative activations: clamping W to [0, q_p·s] and folding the rest is lossless."""
+    g = _gen(seed)
+    w = 10 * torch.randn(6, 3, 3, 3, generator=g, dtype=F64)
+    config = QuantConfig.paper(bits, unsigned_activations=True)
+    wc, group_of, ranges, bias = layer_parameters(w, 1.0, config, signed=False)
+    qn, qp = int_range(bits, signed=False)
+    s = (ranges / (2**bits - 1)).double()[group_of].view(-1, 1, 1, 1)
+    assert qn == 0 and torch.all(wc >= 0) and torch.all(wc <= qp * s + 1e-12)
+    x = torch.randint(0, qp + 1, (2, 3, 5, 5), generator=g).double()
+    for j in range(int(group_of.max()) + 1):
+        idx = (group_of == j).nonzero().flatten()
+        xs = x * s[idx[0]]
+        torch.testing.assert_close(adder_conv2d(xs, w[idx], padding=1), adder_conv2d(xs, wc[idx], bias[idx], padding=1),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_unsigned_grid_applies_only_to_nonnegative_layers():
+    model = _tiny_adder_net()
+    model[2] = AdderConv2d(3, 8, 3, padding=1)  # fed by the raw (signed) input
+    model = torch.nn.Sequential(*list(model.children())[2:]).eval()
+    q = quantize(model, torch.randn(16, 3, 8, 8), config=QuantConfig.ours(4), progress=False)
+    layers = [m for m in q.modules() if isinstance(m, QuantAdderConv2d)]
+    assert [m.signed for m in layers] == [True, False]
+    assert layers[1].int_bounds() == (0, 15)

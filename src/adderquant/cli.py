@@ -116,6 +116,7 @@ def _add_eval(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--unsafe-load", action="store_true",
                    help="allow arbitrary pickled objects in the checkpoint (only for files you trust)")
+    p.add_argument("--bits", type=int, default=None, help="bit width of an APoT checkpoint (the file does not say)")
     _add_common(p)
     return p
 
@@ -126,7 +127,8 @@ def _run_eval(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
-    ckpt = checkpoint.load(args.checkpoint, args.model, kind=args.kind, unsafe=args.unsafe_load)
+    options = {"bits": args.bits} if args.bits is not None else {}
+    ckpt = checkpoint.load(args.checkpoint, args.model, kind=args.kind, unsafe=args.unsafe_load, **options)
     dataset = _data(args)
     if args.model is not None and ckpt.name != args.model:
         raise ValueError(f"{args.checkpoint} holds a {ckpt.name}, not a {args.model}")
@@ -169,6 +171,111 @@ def _run_models(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- quantize
+
+DEFAULT_CHECKPOINT_ENV = "ADDERQUANT_CHECKPOINTS"
+
+
+def _default_checkpoint() -> str | None:
+    """The official AdderNet ResNet-20, where the shared checkpoints are (embedded default)."""
+    from pathlib import Path
+
+    roots = [os.environ.get(DEFAULT_CHECKPOINT_ENV)]
+    if os.environ.get(DATA_ENV):
+        roots.append(str(Path(os.environ[DATA_ENV]).parent / "checkpoints"))
+    roots.append("../shared/checkpoints")
+    for root in filter(None, roots):
+        path = Path(root) / "addernet-resnet20-cifar10.pth"
+        if path.exists():
+            return str(path)
+    return None
+
+
+def _add_quantize(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("quantize", help="post-training quantization (optionally QAT) of an AdderNet",
+                       description="Quantize with the paper's method (group-shared scales, lossless weight clamp, "
+                                   "outlier clamp), 'ours' (+ lossless activation clamp) or the QSSF baselines; "
+                                   "evaluate paired with full precision.")
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--checkpoint", default=None,
+                   help=f"checkpoint (default: the official AdderNet ResNet-20 under ${DEFAULT_CHECKPOINT_ENV} "
+                        "or ../shared/checkpoints)")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--method", default="paper", choices=("paper", "ours", "qssf", "qssf-w", "qssf-a"))
+    p.add_argument("--groups", type=int, default=None, help="groups of output channels (default 4)")
+    p.add_argument("--alpha", type=float, default=None, help="outlier percentile α (default 0.999)")
+    p.add_argument("--calib-size", type=int, default=1024, help="calibration images from the training split")
+    p.add_argument("--seed", type=int, default=0, help="seed choosing the calibration images")
+    p.add_argument("--quantize-first-last", action="store_true", help="first and last layers at 8 bits")
+    p.add_argument("--qat-epochs", type=int, default=0, help="quantization-aware training epochs (paper: 50)")
+    p.add_argument("--qat-lr", type=float, default=1e-4)
+    p.add_argument("--qat-limit-train", type=int, default=None, help="QAT on the first N training images")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N test images")
+    p.add_argument("--export", default=None, help="write the integer model to FILE.aqz")
+    p.add_argument("--save", default=None, help="append the JSON result to this JSON-lines file")
+    _add_common(p)
+    return p
+
+
+def _run_quantize(args) -> int:
+    from .models import checkpoint
+    from .quant.workflow import ptq_run
+
+    path = args.checkpoint or _default_checkpoint()
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint given: pass --checkpoint or set {DEFAULT_CHECKPOINT_ENV}")
+    ckpt = checkpoint.load(path, args.model)
+    dataset = _data(args)
+    qmodel, summary = ptq_run(
+        ckpt, dataset, bits=args.bits, method=args.method, groups=args.groups, alpha=args.alpha,
+        calib_size=args.calib_size, seed=args.seed, quantize_first_last=args.quantize_first_last,
+        qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, qat_limit_train=args.qat_limit_train, limit=args.limit,
+        device=args.device, progress=not args.json)
+    summary.update({"checkpoint": path, "data": args.data, "dataset": dataset.name})
+    if args.export:
+        from .integer import export
+
+        summary["export"] = str(export(qmodel, args.export, name=ckpt.name, normalization=ckpt.normalization,
+                                       meta={k: summary[k] for k in ("method", "bits", "top1", "n")}))
+    if args.save:
+        with open(args.save, "a") as fh:
+            fh.write(json.dumps(summary, default=str) + "\n")
+    human = (f"{summary['model']} {summary['method']} {args.bits}-bit on {dataset.name} test ({summary['n']} images): "
+             f"top-1 {summary['top1']:.2f} % (FP {summary['fp_top1']:.2f} %, {summary['delta']:+.2f}; "
+             f"{summary['changed']} predictions changed) in {summary['seconds']:.1f} s")
+    _emit(args, summary, human)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- energy
+
+
+def _add_energy(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("energy", help="operation counts and energy: CNN vs AdderNet vs quantized AdderNet",
+                       description="Per-image operation and energy account (Horowitz 45 nm by default).")
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--bits", type=int, nargs="+", default=None, help="bit widths (default 8 6 5 4)")
+    p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--first-last-bits", type=int, default=None, help="first/last layers quantized to this width")
+    p.add_argument("--acc-bits", default="32", help="accumulator width: a number or 'auto' (no-overflow width)")
+    p.add_argument("--table", default=None, help="JSON file replacing entries of the energy table")
+    p.add_argument("--plot", default=None, help="draw accuracy vs energy to this PNG (needs --accuracies)")
+    p.add_argument("--accuracies", default=None, help="results JSON (lines) from `adderquant quantize --save`")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line (the last line)")
+    return p
+
+
+def _run_energy(args) -> int:
+    from .energy import energy_command
+
+    acc_bits = args.acc_bits if args.acc_bits == "auto" else int(args.acc_bits)
+    text, data = energy_command(args.model, args.bits, json_out=False, plot_path=args.plot,
+                                accuracies_json=args.accuracies, groups=args.groups,
+                                first_last_bits=args.first_last_bits, acc_bits=acc_bits, energy_table=args.table)
+    _emit(args, data, text)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- registry
 
 # (build the parser, run it): append a pair to add a command.
@@ -176,6 +283,8 @@ COMMANDS: list[tuple[Callable, Callable[[argparse.Namespace], int]]] = [
     (_add_train, _run_train),
     (_add_eval, _run_eval),
     (_add_models, _run_models),
+    (_add_quantize, _run_quantize),
+    (_add_energy, _run_energy),
 ]
 
 

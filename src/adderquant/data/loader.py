@@ -43,10 +43,14 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool,
     return Batches(x, y, batch_size, shuffle, generator, drop_last, device)
 
 
-def calibration_subset(dataset: Dataset, n: int = 1024, seed: int = 0) -> torch.Tensor:
-    """``n`` training images (uint8), the same ones for the same ``seed``: PTQ results stay comparable."""
+def calibration_indices(dataset: Dataset, n: int = 1024, seed: int = 0) -> torch.Tensor:
+    """Indices of ``n`` training images, the same ones for the same ``seed``."""
     total = len(dataset.x_train)
     if not 0 < n <= total:
         raise ValueError(f"calibration_subset: n={n} but the training set has {total} images")
-    idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
-    return dataset.x_train[idx]
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def calibration_subset(dataset: Dataset, n: int = 1024, seed: int = 0) -> torch.Tensor:
+    """``n`` training images (uint8), the same ones for the same ``seed``: PTQ results stay comparable."""
+    return dataset.x_train[calibration_indices(dataset, n, seed)]

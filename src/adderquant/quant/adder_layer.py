@@ -10,6 +10,10 @@ weight clamp is on. With ``lossless_act_clamp`` the unclamped ``x̃ = round(X/s_
 exact compensation ``−Σ_window (max(x̃ − q_p, 0) + max(q_n − x̃, 0))`` — valid because every w̄ lies
 in [q_n, q_p], so ``|x̃ − w̄| = |clamp(x̃) − w̄| + excess(x̃)``.
 
+With ``signed=False`` (beyond the paper, for inputs known to be ≥ 0, e.g. after ReLU) both operands
+use the unsigned grid ``[0, 2^b − 1]`` with ``s_j = r_j/(2^b − 1)``: twice the resolution, and
+Theorem 1 still holds because every activation lies in the clamp interval ``[0, q_p·s_j]``.
+
 In evaluation the accumulator ``x̄ ⊕ w̄`` is computed on integer-valued tensors, so it equals the
 integer engine's int32 accumulator exactly. In training (QAT) the same function is computed on
 de-quantized values so that the AdderNet backward sees real-scale differences; rounding uses the
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.functional import adaptive_scale, adder_conv2d
-from .uniform import int_range, quantize_int
+from .uniform import int_range, quantize_int, scale_for_range
 
 
 def window_sum(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
@@ -37,12 +41,12 @@ class QuantAdderConv2d(nn.Module):
 
     def __init__(self, weight: torch.Tensor, stride, padding, dilation, *, bits: int, group_of: torch.Tensor,
                  ranges: torch.Tensor, clamp_bias: torch.Tensor | None, lossless_act_clamp: bool = False,
-                 eta: float | None = 0.2):
+                 eta: float | None = 0.2, signed: bool = True):
         super().__init__()
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.kernel_size = tuple(weight.shape[2:])
         self.in_channels, self.out_channels = weight.shape[1], weight.shape[0]
-        self.bits, self.eta, self.lossless_act_clamp = bits, eta, lossless_act_clamp
+        self.bits, self.eta, self.lossless_act_clamp, self.signed = bits, eta, lossless_act_clamp, signed
         self.weight = nn.Parameter(weight.detach().clone())
         self.register_buffer("group_of", group_of.to(torch.long))
         self.register_buffer("ranges", ranges.to(torch.float32))  # r_j, one per group
@@ -52,18 +56,22 @@ class QuantAdderConv2d(nn.Module):
     def groups(self) -> int:
         return int(self.ranges.numel())
 
+    def int_bounds(self) -> tuple[int, int]:
+        """``(q_n, q_p)`` of the integer grid shared by weights and activations."""
+        return int_range(self.bits, self.signed)
+
     def scales(self) -> torch.Tensor:
-        return 2 * self.ranges / (2**self.bits - 1)
+        return scale_for_range(self.ranges, self.bits, self.signed)
 
     def channel_scales(self) -> torch.Tensor:
         return self.scales()[self.group_of]
 
     def int_weight(self) -> torch.Tensor:
         """w̄ per channel with its group's scale, as integer-valued float (STE in training)."""
-        return quantize_int(self.weight, self.channel_scales().view(-1, 1, 1, 1), self.bits)
+        return quantize_int(self.weight, self.channel_scales().view(-1, 1, 1, 1), self.bits, self.signed)
 
     def excess(self, x_wide: torch.Tensor) -> torch.Tensor:
-        qn, qp = int_range(self.bits)
+        qn, qp = self.int_bounds()
         return (x_wide - qp).clamp_min(0) + (qn - x_wide).clamp_min(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,10 +90,10 @@ class QuantAdderConv2d(nn.Module):
             if idx.numel() == 0:
                 continue
             s = scales[j]
-            qn, qp = int_range(self.bits)
+            qn, qp = self.int_bounds()
             x_wide = torch.round(x / s) if not train else None
             if train:
-                x_int = quantize_int(x, s, self.bits)
+                x_int = quantize_int(x, s, self.bits, self.signed)
                 acc_real = adder_conv2d(x_int * s, w_full[idx], None, self.stride, self.padding, self.dilation)
                 y = acc_real
             else:
@@ -104,4 +112,4 @@ class QuantAdderConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, bits={self.bits}, "
-                f"groups={self.groups}, lossless_act_clamp={self.lossless_act_clamp}")
+                f"groups={self.groups}, signed={self.signed}, lossless_act_clamp={self.lossless_act_clamp}")

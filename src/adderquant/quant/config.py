@@ -25,6 +25,9 @@ class QuantConfig:
       quantized activations) or ``range`` = the paper's literal [-r_x, r_x].
     - ``scale_source``: each group's shared range: ``min`` = min(r_wj, r_x) (the paper), ``weights`` =
       r_wj (QSSF-w), ``activations`` = r_x (QSSF-a).
+    - ``unsigned_activations`` (beyond the paper): a layer whose calibration inputs are all ≥ 0 (after
+      ReLU) uses the unsigned grid [0, 2^b−1] for weights and activations; weights below 0 fold into
+      the bias exactly as in Theorem 1, so the non-negative activations get all 2^b levels.
     - ``lossless_act_clamp`` (beyond the paper): inside a group whose quantized weights lie within the
       integer range, activations above the range are compensated exactly by ``-Σ_window excess``.
     """
@@ -39,6 +42,7 @@ class QuantConfig:
     act_clamp_mode: str = "percentile"
     scale_source: str = "min"
     lossless_act_clamp: bool = False
+    unsigned_activations: bool = False
     clamp_to: str = "representable"
     quantize_first_last: bool = False
     first_last_bits: int = 8
@@ -67,7 +71,7 @@ class QuantConfig:
     @classmethod
     def ours(cls, bits: int = 4, **overrides) -> QuantConfig:
         """The paper's method plus the beyond-paper switches that measured better (docs/results)."""
-        return cls(bits=bits, method="ours", lossless_act_clamp=True, **overrides)
+        return cls(bits=bits, method="ours", **{"lossless_act_clamp": True, "unsigned_activations": True, **overrides})
 
     @classmethod
     def qssf(cls, source: str = "weights", bits: int = 4, **overrides) -> QuantConfig:

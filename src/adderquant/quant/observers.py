@@ -27,6 +27,7 @@ class AbsRangeObserver:
         self.total = total  # values the layer will see in all; None → keep every value
         self.count = 0
         self.max = 0.0
+        self.min = float("inf")  # of X itself: ≥ 0 means the layer only ever sees non-negative inputs
         self._top: torch.Tensor | None = None
 
     def _keep(self) -> int | None:
@@ -35,6 +36,8 @@ class AbsRangeObserver:
         return self.total - percentile_index(self.total, self.alpha) + 1
 
     def observe(self, x: torch.Tensor) -> None:
+        if x.numel():
+            self.min = min(self.min, float(x.detach().min()))
         a = x.detach().abs().flatten().float().cpu()
         self.count += a.numel()
         self.max = max(self.max, float(a.max())) if a.numel() else self.max

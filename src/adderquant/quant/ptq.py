@@ -19,7 +19,7 @@ from .config import QuantConfig
 from .first_last import QuantConvLinear8
 from .grouping import group_channels
 from .observers import AbsRangeObserver
-from .uniform import int_range
+from .uniform import int_range, scale_for_range
 
 
 def _batches(calib, batch_size: int) -> Iterable[torch.Tensor]:
@@ -74,7 +74,7 @@ def calibrate(model: nn.Module, calib, config: QuantConfig, batch_size: int = 25
     return observers
 
 
-def layer_parameters(weight: torch.Tensor, r_x: float, config: QuantConfig):
+def layer_parameters(weight: torch.Tensor, r_x: float, config: QuantConfig, signed: bool = True):
     """Groups, per-group shared ranges and the clamp bias for one adder layer (Sec. 3.1–3.2).
 
     The weight clamp folds ``-Σ dist(W_c, [q_n·s_j, q_p·s_j])`` into the bias: Theorem 1 for the
@@ -92,9 +92,10 @@ def layer_parameters(weight: torch.Tensor, r_x: float, config: QuantConfig):
     ranges = torch.tensor(ranges, dtype=torch.float32)  # the layer's buffer: scales derive from it
     clamp_bias = None
     if config.weight_clamp:
-        qn, qp = int_range(config.bits)
-        s = (2 * ranges / (2**config.bits - 1)).double()[group_of].view(-1, 1, 1, 1)
-        lo, hi = (qn * s, qp * s) if config.clamp_to == "representable" else (-r_x + 0 * s, r_x + 0 * s)
+        qn, qp = int_range(config.bits, signed)
+        s = scale_for_range(ranges, config.bits, signed).double()[group_of].view(-1, 1, 1, 1)
+        literal = ((-r_x if signed else 0.0) + 0 * s, r_x + 0 * s)  # the paper's [-r_x, r_x], for the ablation
+        lo, hi = (qn * s, qp * s) if config.clamp_to == "representable" else literal
         clamped = torch.minimum(torch.maximum(w, lo), hi)
         clamp_bias = -(w - clamped).abs().flatten(1).sum(1)
         w = clamped
@@ -116,11 +117,12 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
             continue
         if isinstance(module, AdderConv2d):
             r_x = obs.range(config.act_clamp, config.act_clamp_mode, config.alpha)
-            w, group_of, ranges, bias = layer_parameters(module.weight, r_x, config)
+            signed = not (config.unsigned_activations and obs.min >= 0)
+            w, group_of, ranges, bias = layer_parameters(module.weight, r_x, config, signed)
             new = QuantAdderConv2d(w, module.stride, module.padding, module.dilation, bits=config.bits,
                                    group_of=group_of, ranges=ranges, clamp_bias=bias,
-                                   lossless_act_clamp=config.lossless_act_clamp, eta=module.eta)
-            stats[name] = {"r_x": r_x, "max_abs_x": obs.max, "ranges": ranges.tolist(),
+                                   lossless_act_clamp=config.lossless_act_clamp, eta=module.eta, signed=signed)
+            stats[name] = {"r_x": r_x, "max_abs_x": obs.max, "signed": signed, "ranges": ranges.tolist(),
                            "max_abs_w": float(module.weight.detach().abs().max())}
         else:
             new = QuantConvLinear8(module, obs.max, config.first_last_bits)
