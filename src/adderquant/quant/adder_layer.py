@@ -74,39 +74,35 @@ class QuantAdderConv2d(nn.Module):
         qn, qp = self.int_bounds()
         return (x_wide - qp).clamp_min(0) + (qn - x_wide).clamp_min(0)
 
+    def scale_sets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(s, channels)`` per distinct scale: groups that share a scale share one adder call."""
+        scales = self.scales()
+        per_channel = scales[self.group_of]
+        return [(s, (per_channel == s).nonzero().flatten()) for s in torch.unique(scales)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scales = self.scales().to(x.dtype)
         w_int = self.int_weight().to(x.dtype)
         train = self.training and torch.is_grad_enabled()
-        w_full = None
         if train:  # de-quantized weights; the AdderNet η rescaling applies to the whole layer once
             w_full = w_int * self.channel_scales().view(-1, 1, 1, 1).to(x.dtype)
             if w_full.requires_grad and self.eta is not None:
                 w_full.register_hook(lambda g: adaptive_scale(g, self.eta))
-        n, _, h, w = x.shape
+        qn, qp = self.int_bounds()
+        geometry = (self.stride, self.padding, self.dilation)
         out = None
-        for j in range(self.groups):
-            idx = (self.group_of == j).nonzero().flatten()
-            if idx.numel() == 0:
-                continue
-            s = scales[j]
-            qn, qp = self.int_bounds()
-            x_wide = torch.round(x / s) if not train else None
+        for s, idx in self.scale_sets():
+            s = s.to(x.dtype)
             if train:
                 x_int = quantize_int(x, s, self.bits, self.signed)
-                acc_real = adder_conv2d(x_int * s, w_full[idx], None, self.stride, self.padding, self.dilation)
-                y = acc_real
-            else:
-                x_int = x_wide.clamp(qn, qp)
-                acc = adder_conv2d(x_int, w_int[idx], None, self.stride, self.padding, self.dilation)
-                y = acc * s
+                y = adder_conv2d(x_int * s, w_full[idx], None, *geometry)
+            else:  # integer-valued operands: the accumulator is exact, as in the integer engine
+                x_wide = torch.round(x / s)
+                y = adder_conv2d(x_wide.clamp(qn, qp), w_int[idx], None, *geometry) * s
             if self.lossless_act_clamp:
-                xw = torch.round(x / s) if train else x_wide
-                corr = window_sum(self.excess(xw).detach() if train else self.excess(xw), self.kernel_size,
-                                  self.stride, self.padding, self.dilation)
-                y = y - corr * s
+                excess = self.excess(torch.round(x / s).detach() if train else x_wide)
+                y = y - window_sum(excess, self.kernel_size, *geometry) * s
             if out is None:
-                out = x.new_empty(n, self.out_channels, y.shape[2], y.shape[3])
+                out = x.new_empty(x.shape[0], self.out_channels, y.shape[2], y.shape[3])
             out[:, idx] = y
         return out + self.clamp_bias.to(x.dtype).view(1, -1, 1, 1)
 
