@@ -163,3 +163,6 @@ def load(path: str | os.PathLike, name: str | None = None, *, kind: str | None =
     load_into(model, state, str(p))
     norm = options.get("normalization", ADDERNET_NORM)
     return Checkpoint(model, name, kind, model_classes(model), norm, "state_dict", {"source": str(p)})
+
+# The APoT importer registers itself; imported last so that it sees this module's names (no cycle).
+from ..quant import apot_import as _apot_import  # noqa: E402, F401
