@@ -260,3 +260,20 @@ def test_unsigned_grid_applies_only_to_nonnegative_layers():
     layers = [m for m in q.modules() if isinstance(m, QuantAdderConv2d)]
     assert [m.signed for m in layers] == [True, False]
     assert layers[1].int_bounds() == (0, 15)
+
+
+def test_apot_grid_projects_both_operands_onto_scaled_levels():
+    from adderquant.quant.apot import levels, project
+
+    g = _gen(7)
+    w = 0.9 * (2 * torch.rand(4, 2, 3, 3, generator=g) - 1)  # inside [-r, r]: no clamp needed
+    x = torch.rand(2, 2, 5, 5, generator=g) * 1.5
+    layer = QuantAdderConv2d(w, (1, 1), (1, 1), (1, 1), bits=4, group_of=torch.zeros(4, dtype=torch.long),
+                             ranges=torch.tensor([1.0]), clamp_bias=None, signed=True, grid="apot").eval()
+    lv = levels(4, "apot", signed=True)
+    expect = adder_conv2d(project(x.clamp(-1, 1), lv), project(w, lv), padding=1)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expect)
+    assert set(project(w, lv).unique().tolist()) <= set(lv.tolist())
+    with pytest.raises(ValueError, match="APoT"):
+        QuantConfig.paper(8, grid="apot")

@@ -14,6 +14,10 @@ With ``signed=False`` (beyond the paper, for inputs known to be ≥ 0, e.g. afte
 use the unsigned grid ``[0, 2^b − 1]`` with ``s_j = r_j/(2^b − 1)``: twice the resolution, and
 Theorem 1 still holds because every activation lies in the clamp interval ``[0, q_p·s_j]``.
 
+With ``grid="apot"`` (a research option, not the paper's) both operands are projected onto the
+APoT level set scaled by the group range, ``r_j·Q(b)`` for non-negative inputs or ``r_j·(±Q(b−1))``;
+the accumulator is then no longer an integer, so such layers are fake-quant only.
+
 In evaluation the accumulator ``x̄ ⊕ w̄`` is computed on integer-valued tensors, so it equals the
 integer engine's int32 accumulator exactly. In training (QAT) the same function is computed on
 de-quantized values so that the AdderNet backward sees real-scale differences; rounding uses the
@@ -41,12 +45,19 @@ class QuantAdderConv2d(nn.Module):
 
     def __init__(self, weight: torch.Tensor, stride, padding, dilation, *, bits: int, group_of: torch.Tensor,
                  ranges: torch.Tensor, clamp_bias: torch.Tensor | None, lossless_act_clamp: bool = False,
-                 eta: float | None = 0.2, signed: bool = True):
+                 eta: float | None = 0.2, signed: bool = True, grid: str = "uniform"):
         super().__init__()
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.kernel_size = tuple(weight.shape[2:])
         self.in_channels, self.out_channels = weight.shape[1], weight.shape[0]
         self.bits, self.eta, self.lossless_act_clamp, self.signed = bits, eta, lossless_act_clamp, signed
+        if grid not in ("uniform", "apot"):
+            raise ValueError(f"grid must be 'uniform' or 'apot', got {grid!r}")
+        self.grid = grid
+        if grid == "apot":
+            from .apot import levels
+
+            self.register_buffer("levels", levels(bits, "apot", signed=signed), persistent=False)
         self.weight = nn.Parameter(weight.detach().clone())
         self.register_buffer("group_of", group_of.to(torch.long))
         self.register_buffer("ranges", ranges.to(torch.float32))  # r_j, one per group
@@ -80,7 +91,34 @@ class QuantAdderConv2d(nn.Module):
         per_channel = scales[self.group_of]
         return [(s, (per_channel == s).nonzero().flatten()) for s in torch.unique(scales)]
 
+    def _apot_project(self, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """``r · Π(clamp(v / r))`` onto the APoT levels, straight-through in training."""
+        from .apot import project
+
+        t = (v / r).clamp(-1.0 if self.signed else 0.0, 1.0)
+        return v + (r * project(t, self.levels) - v).detach()
+
+    def _forward_apot(self, x: torch.Tensor) -> torch.Tensor:
+        geometry = (self.stride, self.padding, self.dilation)
+        r_c = self.ranges[self.group_of].view(-1, 1, 1, 1).to(x.dtype)
+        w_q = self._apot_project(self.weight, r_c)
+        out = None
+        for r in torch.unique(self.ranges):
+            idx = (self.ranges[self.group_of] == r).nonzero().flatten()
+            r = r.to(x.dtype)
+            y = adder_conv2d(self._apot_project(x, r), w_q[idx], None, *geometry)
+            if self.lossless_act_clamp:
+                lo = -r if self.signed else torch.zeros_like(r)
+                excess = ((x - r).clamp_min(0) + (lo - x).clamp_min(0)).detach()
+                y = y - window_sum(excess, self.kernel_size, *geometry)
+            if out is None:
+                out = x.new_empty(x.shape[0], self.out_channels, y.shape[2], y.shape[3])
+            out[:, idx] = y
+        return out + self.clamp_bias.to(x.dtype).view(1, -1, 1, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid == "apot":
+            return self._forward_apot(x)
         w_int = self.int_weight().to(x.dtype)
         train = self.training and torch.is_grad_enabled()
         if train:  # de-quantized weights; the AdderNet η rescaling applies to the whole layer once
@@ -108,4 +146,5 @@ class QuantAdderConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, bits={self.bits}, "
-                f"groups={self.groups}, signed={self.signed}, lossless_act_clamp={self.lossless_act_clamp}")
+                f"groups={self.groups}, signed={self.signed}, grid={self.grid}, "
+                f"lossless_act_clamp={self.lossless_act_clamp}")

@@ -28,6 +28,8 @@ class QuantConfig:
     - ``unsigned_activations`` (beyond the paper): a layer whose calibration inputs are all ≥ 0 (after
       ReLU) uses the unsigned grid [0, 2^b−1] for weights and activations; weights below 0 fold into
       the bias exactly as in Theorem 1, so the non-negative activations get all 2^b levels.
+    - ``grid`` (research option): ``uniform`` integer levels, or ``apot`` — APoT levels (ICLR 2020)
+      on each group's shared range (fake-quant only; measured in docs/results).
     - ``lossless_act_clamp`` (beyond the paper): inside a group whose quantized weights lie within the
       integer range, activations above the range are compensated exactly by ``-Σ_window excess``.
     """
@@ -43,6 +45,7 @@ class QuantConfig:
     scale_source: str = "min"
     lossless_act_clamp: bool = False
     unsigned_activations: bool = False
+    grid: str = "uniform"
     clamp_to: str = "representable"
     quantize_first_last: bool = False
     first_last_bits: int = 8
@@ -58,6 +61,10 @@ class QuantConfig:
             raise ValueError(f"scale_source must be one of {SCALE_SOURCES}, got {self.scale_source!r}")
         if self.act_clamp_mode not in ACT_CLAMP_MODES:
             raise ValueError(f"act_clamp_mode must be one of {ACT_CLAMP_MODES}, got {self.act_clamp_mode!r}")
+        if self.grid not in ("uniform", "apot"):
+            raise ValueError(f"grid must be 'uniform' or 'apot', got {self.grid!r}")
+        if self.grid == "apot" and not 2 <= self.bits <= 6:
+            raise ValueError(f"the APoT grid has level sets for 2..6 bits, got {self.bits}")
         if self.clamp_to not in CLAMP_TARGETS:
             raise ValueError(f"clamp_to must be one of {CLAMP_TARGETS}, got {self.clamp_to!r}")
         if not 0.0 < self.alpha <= 1.0:

@@ -96,6 +96,9 @@ def layer_parameters(weight: torch.Tensor, r_x: float, config: QuantConfig, sign
         s = scale_for_range(ranges, config.bits, signed).double()[group_of].view(-1, 1, 1, 1)
         literal = ((-r_x if signed else 0.0) + 0 * s, r_x + 0 * s)  # the paper's [-r_x, r_x], for the ablation
         lo, hi = (qn * s, qp * s) if config.clamp_to == "representable" else literal
+        if config.grid == "apot":  # APoT levels span exactly [-r_j, r_j] (or [0, r_j])
+            r_c = ranges.double()[group_of].view(-1, 1, 1, 1)
+            lo, hi = (-r_c if signed else 0 * r_c), r_c
         clamped = torch.minimum(torch.maximum(w, lo), hi)
         clamp_bias = -(w - clamped).abs().flatten(1).sum(1)
         w = clamped
@@ -121,7 +124,8 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
             w, group_of, ranges, bias = layer_parameters(module.weight, r_x, config, signed)
             new = QuantAdderConv2d(w, module.stride, module.padding, module.dilation, bits=config.bits,
                                    group_of=group_of, ranges=ranges, clamp_bias=bias,
-                                   lossless_act_clamp=config.lossless_act_clamp, eta=module.eta, signed=signed)
+                                   lossless_act_clamp=config.lossless_act_clamp, eta=module.eta, signed=signed,
+                                   grid=config.grid)
             stats[name] = {"r_x": r_x, "max_abs_x": obs.max, "signed": signed, "ranges": ranges.tolist(),
                            "max_abs_w": float(module.weight.detach().abs().max())}
         else:
