@@ -276,6 +276,53 @@ def _run_energy(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------- apot-qat
+
+
+def _add_apot_qat(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("apot-qat", help="APoT quantization-aware training with progressive initialisation",
+                       description="Train a CNN through an APoT schedule (e.g. fp32 → 4 → 3 → 2 bits), each stage "
+                                   "starting from the previous one; saves one checkpoint per stage.")
+    p.add_argument("--checkpoint", required=True, help="full-precision CNN (the APoT fp32 file or our conv twin)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--schedule", type=int, nargs="+", default=[4, 3, 2], help="bit widths (32 = float stage)")
+    p.add_argument("--epochs-per-stage", type=int, default=30)
+    p.add_argument("--lr", type=float, default=0.04)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-steps", type=int, default=None, help="stop each stage after N steps (smoke runs)")
+    p.add_argument("--limit-train", type=int, default=None, help="train on the first N training images")
+    p.add_argument("--out", default="runs/apot", help="directory for apot-<b>bit.safetensors/.json")
+    _add_common(p)
+    return p
+
+
+def _run_apot_qat(args) -> int:
+    from dataclasses import replace
+
+    from .models import checkpoint
+    from .quant.apot_qat import apot_progressive_qat
+
+    ckpt = checkpoint.load(args.checkpoint, args.model, kind="conv")
+    dataset = _data(args)
+    if args.limit_train:
+        dataset = replace(dataset, x_train=dataset.x_train[: args.limit_train],
+                          y_train=dataset.y_train[: args.limit_train])
+    log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    stages = apot_progressive_qat(ckpt.model.to(_device(args)), dataset, schedule=args.schedule,
+                                  epochs_per_stage=args.epochs_per_stage, lr=args.lr, norm=ckpt.normalization,
+                                  log=log, batch_size=args.batch_size, max_steps=args.max_steps)
+    rows = []
+    for bits, model in stages.items():
+        path = checkpoint.save(model, f"{args.out}/apot-{bits}bit", name=ckpt.name, kind="conv",
+                               num_classes=ckpt.num_classes, normalization=ckpt.normalization,
+                               apot_bits=None if bits == 32 else bits, accuracy=getattr(model, "apot_accuracy", None),
+                               source=args.checkpoint)
+        rows.append({"bits": bits, "top1": getattr(model, "apot_accuracy", None), "checkpoint": str(path)})
+    human = "\n".join(f"{r['bits']:>2} bits: top-1 {r['top1']:.2f} %  → {r['checkpoint']}" for r in rows)
+    _emit(args, {"stages": rows, "data": args.data, "dataset": dataset.name}, human)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- registry
 
 # (build the parser, run it): append a pair to add a command.
@@ -285,6 +332,7 @@ COMMANDS: list[tuple[Callable, Callable[[argparse.Namespace], int]]] = [
     (_add_models, _run_models),
     (_add_quantize, _run_quantize),
     (_add_energy, _run_energy),
+    (_add_apot_qat, _run_apot_qat),
 ]
 
 

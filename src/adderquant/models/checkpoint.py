@@ -144,6 +144,10 @@ def load(path: str | os.PathLike, name: str | None = None, *, kind: str | None =
         info = json.loads(meta_path.read_text())
         extra = {"head": info["head"]} if info.get("head") else {}
         model = create(info["model"], num_classes=info["num_classes"], kind=info["kind"], **extra)
+        if info.get("apot_bits"):  # an APoT model: rebuild its quantized layers, then load thresholds too
+            from ..quant.apot_layers import apot_quantize
+
+            model = apot_quantize(model, int(info["apot_bits"]), recalibrate_bn=False)
         load_into(model, load_file(tensors_path), str(tensors_path))
         norm = info["normalization"]
         return Checkpoint(model, info["model"], info["kind"], info["num_classes"],

@@ -1,0 +1,60 @@
+"""The quantize, energy and apot-qat commands end to end (small slices of the real data)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adderquant.cli import main
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_quantize_json_reports_paired_deltas(official_addernet, cifar_subset, capsys, tmp_path):
+    save = tmp_path / "results.jsonl"
+    rc = main(["quantize", "--checkpoint", str(official_addernet), "--data", str(cifar_subset), "--bits", "8",
+               "--limit", "100", "--calib-size", "64", "--save", str(save), "--json"])
+    out = _last_json(capsys)
+    assert rc == 0
+    for key in ("fp_top1", "top1", "n", "bits", "method", "groups", "calib_size", "seconds", "changed", "delta"):
+        assert key in out
+    assert out["n"] == 100 and out["bits"] == 8 and out["calib_size"] == 64
+    assert abs(out["delta"]) <= 3.0  # 8-bit stays near full precision
+    assert json.loads(save.read_text().splitlines()[-1])["top1"] == out["top1"]
+
+
+def test_quantize_qssf_reports_the_chosen_variant(official_addernet, cifar_subset, capsys):
+    rc = main(["quantize", "--checkpoint", str(official_addernet), "--data", str(cifar_subset), "--bits", "4",
+               "--method", "qssf", "--limit", "50", "--calib-size", "32", "--json"])
+    out = _last_json(capsys)
+    assert rc == 0 and out["method"] in ("qssf (qssf-w)", "qssf (qssf-a)")
+    assert set(out["qssf_calibration_scores"]) == {"qssf-w", "qssf-a"}
+
+
+def test_energy_command_json(capsys):
+    assert main(["energy", "--model", "resnet20", "--bits", "8", "4", "--json"]) == 0
+    out = _last_json(capsys)
+    names = [r["variant"] if "variant" in r else r.get("name") for r in out["rows"]]
+    assert len(names) >= 4
+
+
+def test_energy_plot_needs_accuracies(capsys, tmp_path):
+    assert main(["energy", "--plot", str(tmp_path / "x.png")]) == 2
+    assert "accuracies" in capsys.readouterr().err
+
+
+def test_apot_qat_stage_saves_and_reloads(checkpoints_root, cifar_subset, capsys, tmp_path):
+    fp32 = checkpoints_root / "apot-resnet20-cifar10-fp32.pth.tar"
+    if not fp32.exists():
+        pytest.skip(f"{fp32} absent")
+    rc = main(["apot-qat", "--checkpoint", str(fp32), "--data", str(cifar_subset), "--schedule", "4",
+               "--epochs-per-stage", "1", "--max-steps", "1", "--limit-train", "64", "--batch-size", "32",
+               "--out", str(tmp_path), "--json"])
+    out = _last_json(capsys)
+    assert rc == 0 and out["stages"][0]["bits"] == 4
+    rc = main(["eval", "--checkpoint", out["stages"][0]["checkpoint"], "--data", str(cifar_subset), "--limit", "64",
+               "--json"])
+    assert rc == 0 and _last_json(capsys)["format"] == "adderquant"
