@@ -1,0 +1,169 @@
+"""The ``cpu`` adder backend: a small C extension (``adderquant._adder_cpu``) reached through ctypes.
+
+It serves the float32 forward and input gradient (AVX2 / AVX-512 register-blocked kernels of
+``acc += |x - w|``) and the integer forward (``vpsadbw`` sums of absolute differences, exact int32)
+for contiguous-able CPU tensors; everything else — float64 (the tests' reference precision), the
+weight gradient (two matrix products in the reference already), other devices and dtypes — is
+left to the next backend by ``supports()`` returning False or the method being absent.
+
+The extension is optional: when it was not built (no compiler at install time) ``BACKEND`` is
+``None`` and nothing is registered. Threads follow ``torch.get_num_threads()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+from collections.abc import Iterator
+
+import torch
+
+from . import reference
+
+ISA_NAMES = ("scalar", "avx2", "avx512")
+_INT_X = (torch.int8, torch.uint8)
+
+
+def _load() -> ctypes.CDLL | None:
+    try:
+        spec = importlib.util.find_spec("adderquant._adder_cpu")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    p, i64p, i = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int
+    for fname, args in (
+        ("aq_forward_f32", [p, p, p, i64p, i]),
+        ("aq_grad_input_f32", [p, p, p, p, i64p, i]),
+        ("aq_int_forward", [p, i, p, p, i64p, i]),
+        ("aq_set_isa", [i]),
+        ("aq_isa", []),
+        ("aq_isa_max", []),
+        ("aq_has_openmp", []),
+    ):
+        fn = getattr(lib, fname)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    return lib
+
+
+_LIB = _load()
+
+
+def isa() -> str:
+    """The instruction set the kernels use now: ``scalar``, ``avx2`` or ``avx512``."""
+    if _LIB is None:
+        raise RuntimeError("adderquant._adder_cpu is not built")
+    return ISA_NAMES[_LIB.aq_isa()]
+
+
+def isa_max() -> str:
+    """The best instruction set this CPU (and OS) supports."""
+    if _LIB is None:
+        raise RuntimeError("adderquant._adder_cpu is not built")
+    return ISA_NAMES[_LIB.aq_isa_max()]
+
+
+@contextlib.contextmanager
+def force_isa(name: str) -> Iterator[str]:
+    """Use at most the instruction set ``name`` inside the block (to test every code path)."""
+    if _LIB is None:
+        raise RuntimeError("adderquant._adder_cpu is not built")
+    previous = _LIB.aq_isa()
+    try:
+        yield ISA_NAMES[_LIB.aq_set_isa(ISA_NAMES.index(name))]
+    finally:
+        _LIB.aq_set_isa(previous)
+
+
+def _geometry(x, w, stride, padding, dilation):
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    vals = (n, c, h, wd, o, kh, kw, *stride, *padding, *dilation, ho, wo)
+    return (ctypes.c_int64 * 15)(*vals), ho, wo
+
+
+def _degenerate(x, w, ho, wo) -> bool:
+    return min(x.shape[0], x.shape[1], w.shape[0], ho, wo) <= 0
+
+
+def _cpu4(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() == 4
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise MemoryError("adderquant._adder_cpu: out of memory")
+
+
+class _Cpu:
+    name = "cpu"
+
+    def __init__(self, lib: ctypes.CDLL):
+        self._lib = lib
+
+    def supports(self, op, *tensors):
+        if op in ("forward", "grad_input"):
+            return (
+                len(tensors) >= 2
+                and all(_cpu4(t) and t.dtype == torch.float32 for t in tensors)
+                and tensors[-2].shape[1] == tensors[-1].shape[1]
+            )
+        if op == "int_forward":
+            x, w = tensors[:2]
+            return _cpu4(x) and _cpu4(w) and x.dtype in _INT_X and w.dtype == torch.int8 and x.shape[1] == w.shape[1]
+        return False
+
+    def forward(self, x, weight, stride, padding, dilation):
+        geom, ho, wo = _geometry(x, weight, stride, padding, dilation)
+        if _degenerate(x, weight, ho, wo):
+            return reference.BACKEND.forward(x, weight, stride, padding, dilation)
+        x, weight = x.contiguous(), weight.contiguous()
+        y = torch.empty((x.shape[0], weight.shape[0], ho, wo), dtype=torch.float32)
+        _check(self._lib.aq_forward_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), geom, torch.get_num_threads()))
+        return y
+
+    def grad_input(self, grad_out, x, weight, stride, padding, dilation):
+        geom, ho, wo = _geometry(x, weight, stride, padding, dilation)
+        if _degenerate(x, weight, ho, wo):
+            return reference.BACKEND.grad_input(grad_out, x, weight, stride, padding, dilation)
+        grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
+        if tuple(grad_out.shape) != (x.shape[0], weight.shape[0], ho, wo):
+            raise ValueError(
+                f"adder grad_input: grad_out has shape {tuple(grad_out.shape)}, "
+                f"expected {(x.shape[0], weight.shape[0], ho, wo)}"
+            )
+        gx = torch.empty(x.shape, dtype=torch.float32)
+        _check(
+            self._lib.aq_grad_input_f32(
+                grad_out.data_ptr(), x.data_ptr(), weight.data_ptr(), gx.data_ptr(), geom, torch.get_num_threads()
+            )
+        )
+        return gx
+
+    def int_forward(self, x_q, w_q, stride, padding, dilation):
+        geom, ho, wo = _geometry(x_q, w_q, stride, padding, dilation)
+        if _degenerate(x_q, w_q, ho, wo):
+            return reference.BACKEND.int_forward(x_q, w_q, stride, padding, dilation)
+        x_q, w_q = x_q.contiguous(), w_q.contiguous()
+        y = torch.empty((x_q.shape[0], w_q.shape[0], ho, wo), dtype=torch.int32)
+        _check(
+            self._lib.aq_int_forward(
+                x_q.data_ptr(),
+                int(x_q.dtype == torch.uint8),
+                w_q.data_ptr(),
+                y.data_ptr(),
+                geom,
+                torch.get_num_threads(),
+            )
+        )
+        return y
+
+
+BACKEND = _Cpu(_LIB) if _LIB is not None else None
