@@ -35,9 +35,10 @@ from .uniform import int_range, quantize_int, scale_for_range
 
 
 def window_sum(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
-    """Σ over each receptive field and every input channel (an all-ones convolution: additions only)."""
-    ones = torch.ones(1, x.shape[1], *kernel, dtype=x.dtype, device=x.device)
-    return F.conv2d(x, ones, stride=stride, padding=padding, dilation=dilation)
+    """Σ over each receptive field and every input channel: a channel sum, then an all-ones box filter
+    (additions only in hardware)."""
+    ones = torch.ones(1, 1, *kernel, dtype=x.dtype, device=x.device)
+    return F.conv2d(x.sum(1, keepdim=True), ones, stride=stride, padding=padding, dilation=dilation)
 
 
 class QuantAdderConv2d(nn.Module):
