@@ -107,3 +107,5 @@ def int_adder_conv2d(x_q, w_q, stride=1, padding=0, dilation=1) -> torch.Tensor:
 register(reference.BACKEND)
 from . import cpu as _cpu  # noqa: E402, I001  (C extension; BACKEND is None when not built)
 if _cpu.BACKEND is not None: register(_cpu.BACKEND)  # noqa: E701
+from . import triton_adder as _triton  # noqa: E402, I001  (optional: BACKEND is None without triton)
+if _triton.BACKEND is not None: register(_triton.BACKEND)  # noqa: E701
