@@ -255,11 +255,12 @@ def _check_model(q, x, numpy_images: int | None = None):
 
 
 @pytest.mark.parametrize("head", ["conv_bn", "linear"])
-@pytest.mark.parametrize("method", ["paper", "ours"])  # ours: lossless activation clamp + unsigned grids
-def test_tiny_resnet_integer_equals_float64_fake_quant_and_numpy(images, head, method):
+@pytest.mark.parametrize("variant", ["paper", "unsigned+lossless"])
+def test_tiny_resnet_integer_equals_float64_fake_quant_and_numpy(images, head, variant):
     torch.manual_seed(0)
     model = _bn_calibrated(CifarResNet(8, head=head), images)
-    config = getattr(QuantConfig, method)(4, quantize_first_last=True)
+    extra = {"unsigned_activations": True, "lossless_act_clamp": True} if variant != "paper" else {}
+    config = QuantConfig.paper(4, quantize_first_last=True, **extra)
     q = quantize(model, normalize(images, *NORM), config=config, progress=False)
     g, _ = _check_model(q, images, numpy_images=3)
     counts = g.op_counts()
@@ -271,7 +272,8 @@ def test_qssf_and_8bit_models(images):
     torch.manual_seed(1)
     model = _bn_calibrated(CifarResNet(8), images)
     for config in (QuantConfig.qssf("weights", 4, quantize_first_last=True),
-                   QuantConfig.paper(8, quantize_first_last=True), QuantConfig.ours(8, quantize_first_last=True)):
+                   QuantConfig.paper(8, quantize_first_last=True),
+                   QuantConfig.paper(8, quantize_first_last=True, unsigned_activations=True, lossless_act_clamp=True)):
         q = quantize(model, normalize(images, *NORM), config=config, progress=False)
         _check_model(q, images[:2])
 
