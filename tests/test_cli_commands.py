@@ -58,3 +58,19 @@ def test_apot_qat_stage_saves_and_reloads(checkpoints_root, cifar_subset, capsys
     rc = main(["eval", "--checkpoint", out["stages"][0]["checkpoint"], "--data", str(cifar_subset), "--limit", "64",
                "--json"])
     assert rc == 0 and _last_json(capsys)["format"] == "adderquant"
+
+
+def test_export_then_eval_with_the_numpy_runtime(official_addernet, cifar_subset, capsys, tmp_path):
+    aqz = tmp_path / "r20w4.aqz"
+    rc = main(["quantize", "--checkpoint", str(official_addernet), "--data", str(cifar_subset), "--bits", "4",
+               "--quantize-first-last", "--limit", "40", "--calib-size", "64", "--export", str(aqz), "--json"])
+    assert rc == 0 and aqz.exists()
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(aqz), "--data", str(cifar_subset), "--limit", "40", "--json"]) == 0
+    out = _last_json(capsys)
+    assert out["format"] == "aqz" and out["n"] == 40 and 50 < out["top1"] <= 100
+    blob = bytearray(aqz.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    aqz.write_bytes(bytes(blob))
+    assert main(["eval", "--checkpoint", str(aqz), "--data", str(cifar_subset), "--limit", "4"]) == 2
+    assert "checksum" in capsys.readouterr().err

@@ -127,6 +127,8 @@ def _run_eval(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
+    if args.checkpoint.endswith(".aqz"):
+        return _eval_aqz(args)
     options = {"bits": args.bits} if args.bits is not None else {}
     ckpt = checkpoint.load(args.checkpoint, args.model, kind=args.kind, unsafe=args.unsafe_load, **options)
     dataset = _data(args)
@@ -147,6 +149,22 @@ def _run_eval(args) -> int:
                "device": device, "normalization": ckpt.normalization}
     human = (f"{ckpt.name} ({ckpt.kind}, {ckpt.format}) on {dataset.name} test, {res.n} images: "
              f"top-1 {res.top1:.2f} %, top-5 {res.top5:.2f} % ({res.seconds:.1f} s)")
+    _emit(args, payload, human)
+    return 0
+
+
+def _eval_aqz(args) -> int:
+    """An exported integer model, run by the NumPy-only runtime (no torch in the arithmetic)."""
+    from .integer import evaluate_aqz
+
+    dataset = _data(args)
+    n = len(dataset.x_test) if args.limit is None else min(args.limit, len(dataset.x_test))
+    res = evaluate_aqz(args.checkpoint, dataset.x_test[:n].numpy(), dataset.y_test[:n].numpy(),
+                                      batch_size=args.batch_size)
+    payload = {**res, "model": res.get("model"), "format": "aqz", "checkpoint": args.checkpoint, "data": args.data,
+               "dataset": dataset.name, "device": "cpu (numpy runtime)"}
+    human = (f"{args.checkpoint} (integer, NumPy runtime) on {dataset.name} test, {res['n']} images: "
+             f"top-1 {res['top1']:.2f} %, top-5 {res['top5']:.2f} % ({res['seconds']:.1f} s)")
     _emit(args, payload, human)
     return 0
 
