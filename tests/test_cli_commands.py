@@ -74,3 +74,11 @@ def test_export_then_eval_with_the_numpy_runtime(official_addernet, cifar_subset
     aqz.write_bytes(bytes(blob))
     assert main(["eval", "--checkpoint", str(aqz), "--data", str(cifar_subset), "--limit", "4"]) == 2
     assert "checksum" in capsys.readouterr().err
+
+
+def test_report_ranges_writes_plots(official_addernet, cifar_subset, capsys, tmp_path):
+    rc = main(["report", "ranges", "--checkpoint", str(official_addernet), "--data", str(cifar_subset),
+               "--calib-size", "16", "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"ranges.json", "ranges.txt", "ranges_layer1_1_conv2.png", "distributions_layer1_1_conv2.png"} <= names

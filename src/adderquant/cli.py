@@ -341,6 +341,35 @@ def _run_apot_qat(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- report
+
+
+def _add_report(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("report", help="reports: `report ranges` = per-channel weight vs activation ranges + plots")
+    p.add_argument("what", choices=("ranges",))
+    p.add_argument("--checkpoint", default=None, help="default: the official AdderNet ResNet-20")
+    p.add_argument("--layer", default=None, help="layer to plot (default layer1.1.conv2, the paper's Figure 2)")
+    p.add_argument("--calib-size", type=int, default=1024)
+    p.add_argument("--alpha", type=float, default=0.999)
+    p.add_argument("--out", default="runs/report", help="directory for ranges.json/.txt and the PNGs")
+    _add_common(p)
+    return p
+
+
+def _run_report(args) -> int:
+    from .quant.report import report_ranges
+
+    path = args.checkpoint or _default_checkpoint()
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint given: pass --checkpoint or set {DEFAULT_CHECKPOINT_ENV}")
+    if not args.data:
+        raise FileNotFoundError(f"no data set given: pass --data PATH or set {DATA_ENV}")
+    result = report_ranges(path, args.data, args.out, layer=args.layer, calib_size=args.calib_size,
+                           alpha=args.alpha, progress=not args.json)
+    _emit(args, result, f"wrote the range report for {path} into {args.out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- registry
 
 # (build the parser, run it): append a pair to add a command.
@@ -351,6 +380,7 @@ COMMANDS: list[tuple[Callable, Callable[[argparse.Namespace], int]]] = [
     (_add_quantize, _run_quantize),
     (_add_energy, _run_energy),
     (_add_apot_qat, _run_apot_qat),
+    (_add_report, _run_report),
 ]
 
 
