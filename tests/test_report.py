@@ -56,6 +56,8 @@ def test_range_statistics_match_direct_computation(alpha):
         assert s.x_max == pytest.approx(float(x.max()), rel=1e-6)
         assert s.weight_max == pytest.approx(flat.amax(1).tolist(), rel=1e-6)
         assert s.frac_beyond == pytest.approx(float((flat > s.r_x).double().mean()))
+        assert s.frac_above + s.frac_below == pytest.approx(s.frac_beyond)
+        assert s.frac_above == pytest.approx(float((w > s.r_x).double().mean()))
         assert s.frac_beyond_channel == pytest.approx((flat > s.r_x).double().mean(1).tolist())
         assert s.group_of == group_channels(w, 4, "max").tolist()
         for j, (rw, r) in enumerate(zip(s.group_weight_max, s.group_ranges, strict=True)):

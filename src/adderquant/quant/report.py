@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,8 @@ class LayerRanges:
     x_max: float  # max|X|
     alpha: float
     frac_beyond: float  # share of all weights with |W| > r_x
+    frac_above: float  # share with W > r_x (the side a large activation meets)
+    frac_below: float  # share with W < -r_x
     frac_beyond_channel: list[float] = field(repr=False)  # the same per output channel
     group_of: list[int] = field(repr=False)  # group label per output channel (0 = smallest weights)
     group_weight_max: list[float]  # r_wj = max|W| over the channels of group j
@@ -94,6 +97,8 @@ def range_statistics(model: nn.Module, calib, config: QuantConfig | None = None,
             x_max=float(obs.max),
             alpha=alpha,
             frac_beyond=float((flat > r_x).double().mean()),
+            frac_above=float((w > r_x).double().mean()),
+            frac_below=float((w < -r_x).double().mean()),
             frac_beyond_channel=(flat > r_x).double().mean(1).tolist(),
             group_of=group_of.tolist(),
             group_weight_max=[float(flat[group_of == j].max()) for j in range(g)],
@@ -106,7 +111,7 @@ def range_statistics(model: nn.Module, calib, config: QuantConfig | None = None,
 def format_table(stats: dict[str, LayerRanges]) -> str:
     """Plain-text table, one line per adder layer."""
     head = (f"{'layer':<22} {'c_out':>5} {'max|W_c| min/med/max':>22} {'r_x':>7} {'max|X|':>7} "
-            f"{'|W|>r_x':>8} {'max|W|/r_x':>10}  groups (size: r_wj → range)")
+            f"{'|W|>r_x':>8} {'W>r_x':>6} {'W<-r_x':>6} {'max|W|/r_x':>10}  groups (size: r_wj → range)")
     lines = [head, "-" * len(head)]
     for s in stats.values():
         wm = sorted(s.weight_max)
@@ -114,7 +119,8 @@ def format_table(stats: dict[str, LayerRanges]) -> str:
         groups = ", ".join(f"{n}: {rw:.1f}→{r:.2f}"
                            for n, rw, r in zip(s.group_sizes, s.group_weight_max, s.group_ranges, strict=True))
         lines.append(f"{s.name:<22} {s.shape[0]:>5} {wm[0]:>6.1f} /{med:>6.1f} /{wm[-1]:>6.1f} {s.r_x:>7.3f} "
-                     f"{s.x_max:>7.2f} {100 * s.frac_beyond:>7.1f}% {s.weight_to_act:>10.1f}  {groups}")
+                     f"{s.x_max:>7.2f} {100 * s.frac_beyond:>7.1f}% {100 * s.frac_above:>5.1f}% "
+                     f"{100 * s.frac_below:>5.1f}% {s.weight_to_act:>10.1f}  {groups}")
     return "\n".join(lines)
 
 
@@ -191,8 +197,10 @@ def plot_distributions(model: nn.Module, calib, layer: str, path, config: QuantC
         ax.set_title(f"{layer}: {what}, n={v.numel():,}")
         ax.set_xlabel("value")
         ax.set_ylabel("count (log)")
-        for sign in (-1, 1) if float(v.min()) < 0 else (1,):
-            ax.axvline(sign * stats.r_x, color="red", lw=1.2, label=f"±r_x = {stats.r_x:.2f}" if sign > 0 else None)
+        signed = float(v.min()) < 0
+        for sign in (-1, 1) if signed else (1,):
+            ax.axvline(sign * stats.r_x, color="red", lw=1.2,
+                       label=f"{'±' if signed else ''}r_x = {stats.r_x:.2f}" if sign > 0 else None)
     for j, rw in enumerate(stats.group_weight_max):
         col = _GROUP_COLORS[j % len(_GROUP_COLORS)]
         for sign in (-1, 1):
@@ -270,7 +278,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefix", default="", help="prepended to every file name")
     args = p.parse_args(argv)
     out = report_ranges(args.checkpoint, args.data, args.out, args.layer, args.calib_size, args.seed, args.alpha,
-                        prefix=args.prefix)
+                        prefix=args.prefix, progress=sys.stderr.isatty())
     print(out["table"])
     for path in out["paths"].values():
         print(f"wrote {path}")
