@@ -80,5 +80,7 @@ def test_report_ranges_writes_plots(official_addernet, cifar_subset, capsys, tmp
     rc = main(["report", "ranges", "--checkpoint", str(official_addernet), "--data", str(cifar_subset),
                "--calib-size", "16", "--out", str(tmp_path), "--json"])
     assert rc == 0
+    stats = _last_json(capsys)["stats"]["layer1.1.conv2"]
+    assert stats["r_x"] > 0 and len(stats["w_max"] if "w_max" in stats else stats["group_weight_max"]) > 0
     names = {p.name for p in tmp_path.iterdir()}
     assert {"ranges.json", "ranges.txt", "ranges_layer1_1_conv2.png", "distributions_layer1_1_conv2.png"} <= names

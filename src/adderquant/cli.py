@@ -21,10 +21,21 @@ from collections.abc import Callable
 DATA_ENV = "ADDERQUANT_DATA"
 
 
+def _jsonable(obj):
+    """JSON fallback: dataclasses as dicts, tensors and arrays as lists, anything else as text."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
 def _emit(args, payload: dict, human: str) -> None:
     """Print ``human`` text, or with ``--json`` one JSON line (the last stdout line)."""
     if getattr(args, "json", False):
-        print(json.dumps(payload, default=str), flush=True)
+        print(json.dumps(payload, default=_jsonable), flush=True)
     else:
         print(human, flush=True)
 
