@@ -246,13 +246,18 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _checkpoint_or_default(args) -> str:
+    path = args.checkpoint or _default_checkpoint()
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint given: pass --checkpoint or set {DEFAULT_CHECKPOINT_ENV}")
+    return path
+
+
 def _run_quantize(args) -> int:
     from .models import checkpoint
     from .quant.workflow import ptq_run
 
-    path = args.checkpoint or _default_checkpoint()
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint given: pass --checkpoint or set {DEFAULT_CHECKPOINT_ENV}")
+    path = _checkpoint_or_default(args)
     ckpt = checkpoint.load(path, args.model)
     dataset = _data(args)
     qmodel, summary = ptq_run(
@@ -370,13 +375,10 @@ def _add_report(sub) -> argparse.ArgumentParser:
 def _run_report(args) -> int:
     from .quant.report import report_ranges
 
-    path = args.checkpoint or _default_checkpoint()
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint given: pass --checkpoint or set {DEFAULT_CHECKPOINT_ENV}")
-    if not args.data:
-        raise FileNotFoundError(f"no data set given: pass --data PATH or set {DATA_ENV}")
-    result = report_ranges(path, args.data, args.out, layer=args.layer, calib_size=args.calib_size,
+    path = _checkpoint_or_default(args)
+    result = report_ranges(path, _data(args), args.out, layer=args.layer, calib_size=args.calib_size,
                            alpha=args.alpha, progress=not args.json)
+    result["data"] = args.data
     _emit(args, result, f"wrote the range report for {path} into {args.out}")
     return 0
 

@@ -21,9 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..data.normalization import CIFAR_ADDERNET_NORM as ADDERNET_NORM
 from . import create
-
-ADDERNET_NORM = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 
 
 @dataclass

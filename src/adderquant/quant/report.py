@@ -137,6 +137,17 @@ _GROUP_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown
                  "tab:cyan")
 
 
+def _save(fig, path) -> Path:
+    """Write ``fig`` as a PNG (creating the directory) and release it."""
+    plt = _pyplot()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_ranges(stats: dict[str, LayerRanges], layer: str, path, log: bool = False) -> Path:
     """Figure 2: per-output-channel absolute weight range (bars, coloured by group) vs the activation
     range (r_x and max|X| lines) of ``layer``."""
@@ -157,12 +168,7 @@ def plot_ranges(stats: dict[str, LayerRanges], layer: str, path, log: bool = Fal
     ax.set_title(f"{layer}: weight range per channel vs activation range")
     ax.set_xlim(-1, len(c))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 @torch.no_grad()
@@ -209,12 +215,7 @@ def plot_distributions(model: nn.Module, calib, layer: str, path, config: QuantC
     axes[1].axvline(stats.x_max, color="red", lw=1, ls=":", label=f"max|X| = {stats.x_max:.2f}")
     for ax in axes:
         ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def report_ranges(checkpoint, data, out_dir, layer: str | None = None, calib_size: int = 1024, seed: int = 0,
