@@ -20,7 +20,7 @@ setup(
     ext_modules=[
         Extension(
             "adderquant._adder_cpu",
-            sources=["csrc/adder_cpu.c"],
+            sources=["csrc/adder_cpu.c", "csrc/int_ops.c"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
             optional=True,

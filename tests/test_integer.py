@@ -9,6 +9,7 @@ itself differs from float64.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -118,8 +119,11 @@ def test_quantization_is_exact_rational_rounding(frac_bits, count, scale, bits, 
     np.testing.assert_array_equal(torch_ops.div_round(torch.from_numpy(zs), k, d).numpy(), want)
     th = rt.quant_thresholds(k, d, qn, qp)
     np.testing.assert_array_equal(rt.quantize_clamped(zs, th, qn), np.clip(want, qn, qp))
-    np.testing.assert_array_equal(torch_ops.quantize_clamped(torch.from_numpy(zs), torch.from_numpy(th), qn).numpy(),
-                                  np.clip(want, qn, qp))
+    for backend, dtype in itertools.product(kernels.available_backends(), (torch.int8, torch.int16)):
+        with kernels.use_backend(backend):
+            got = kernels.int_quantize(torch.from_numpy(zs), torch.from_numpy(th), qn, dtype)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got.numpy(), np.clip(want, qn, qp), err_msg=f"backend {backend}, {dtype}")
 
 
 @settings(max_examples=60, deadline=None)
@@ -134,18 +138,61 @@ def test_requant_rounds_the_fixed_point_product(m, bits, vs):
     if abs(mult) * 2**13 >= 2**62:
         return
     want = [math.floor(Fraction(int(x) * mult, 2**sh) + Fraction(1, 2)) + 7 for x in v]  # round half up, + bias
-    got_np = rt.requant(v, np.int64(mult), np.int64(sh), np.int64(7))
-    got_t = torch_ops.requant(torch.from_numpy(v), torch.tensor(mult), torch.tensor(sh), torch.tensor(7), "t")
-    np.testing.assert_array_equal(got_np, want)
-    np.testing.assert_array_equal(got_t.numpy(), want)
+    np.testing.assert_array_equal(rt.requant(v, np.int64(mult), np.int64(sh), np.int64(7)), want)
+    per_channel = [torch.tensor([t]) for t in (mult, sh, 7)]
+    for backend, dtype in itertools.product(kernels.available_backends(), (torch.int32, torch.int64)):
+        with kernels.use_backend(backend):
+            got = kernels.int_requant(torch.from_numpy(v).to(dtype).view(1, 1, -1), *per_channel)
+        np.testing.assert_array_equal(got.flatten().numpy(), want, err_msg=f"backend {backend}, {dtype}")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 7), st.booleans(), st.booleans(),
+       st.sampled_from([torch.int32, torch.int64]), st.integers(0, 2**31 - 1))
+def test_fused_requant_equals_the_op_chain(n, c, hw, residual, relu, dtype, seed):
+    """requant → add → relu in one call equals the three ops done one at a time, for every backend."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randint(-(2**20), 2**20, (n, c, hw), generator=g).to(dtype)
+    mult = torch.randint(-(2**30), 2**30, (c,), generator=g)
+    shift = torch.randint(0, 40, (c,), generator=g)
+    bias = torch.randint(-(2**40), 2**40, (c,), generator=g)
+    res = torch.randint(-(2**40), 2**40, (n, c, hw), generator=g) if residual else None
+    want = np.stack([rt.requant(v[:, j].numpy().astype(np.int64), *(t[j].numpy() for t in (mult, shift, bias)))
+                     for j in range(c)], 1)
+    if residual:
+        want = want + res.numpy()
+    if relu:
+        want = np.maximum(want, 0)
+    for backend in kernels.available_backends():
+        with kernels.use_backend(backend):
+            got = kernels.int_requant(v, mult, shift, bias, res, relu=relu)
+        assert got.dtype == torch.int64
+        np.testing.assert_array_equal(got.numpy(), want, err_msg=f"backend {backend}")
 
 
 def test_requant_overflow_is_detected():
     v = np.array([2**40], dtype=np.int64)
     with pytest.raises(OverflowError):
         rt.requant(v, np.int64(2**30), np.int64(0), np.int64(0))
-    with pytest.raises(OverflowError):
-        torch_ops.requant(torch.from_numpy(v), torch.tensor(2**30), torch.tensor(0), torch.tensor(0), "t")
+    for backend in kernels.available_backends():
+        with kernels.use_backend(backend), pytest.raises(OverflowError):
+            kernels.int_requant(torch.from_numpy(v).view(1, 1, 1), *(torch.tensor([t]) for t in (2**30, 0, 0)))
+
+
+def test_engine_fuses_only_chains_nothing_else_reads():
+    def node(op, out, *inputs):
+        return {"op": op, "name": out, "output": out, "inputs": list(inputs)}
+
+    chain = [node("requant", "r1", "a"), node("relu", "y1", "r1"),
+             node("requant", "r2", "b"), node("add", "s2", "r2", "y1"), node("relu", "y2", "s2"),
+             node("requant", "r3", "c"), node("add", "s3", "y2", "r3"),
+             node("requant", "r4", "d"), node("relu", "y4", "r4"), node("add", "s4", "r4", "y4")]
+    steps = {s["name"]: s for s in torch_ops._fuse(chain)}
+    assert set(steps) == {"r1", "r2", "r3", "r4", "relu", "y4", "s4"} - {"relu"}
+    assert steps["r1"]["relu"] and steps["r1"]["output"] == "y1" and not steps["r1"]["residual"]
+    assert steps["r2"]["inputs"] == ["b", "y1"] and steps["r2"]["output"] == "y2" and steps["r2"]["relu"]
+    assert steps["r3"]["inputs"] == ["c", "y2"] and steps["r3"]["output"] == "s3" and not steps["r3"]["relu"]
+    assert steps["r4"]["output"] == "r4" and not steps["r4"]["relu"]  # r4 is read twice: left alone
 
 
 # ------------------------------------------------------------------------------- single adder layers
@@ -204,9 +251,10 @@ def test_adder_layer_accumulator_exact_and_output_within_one_lsb(bits, groups, l
     graph = convert_adder_layer(layer)
     with mock.patch.object(torch_ops, "int_adder_conv2d", spy_int):
         out = IntegerEngine(graph)(z)
-    fake_acc, fake_x = _per_channel(fake_calls, [idx for _, idx in layer.scale_sets()], out.shape)
-    groups_idx = [(layer.group_of == j).nonzero().flatten() for j in range(layer.groups)]
-    int_acc, int_x = _per_channel(int_calls, [idx for idx in groups_idx if idx.numel()], out.shape)
+    scale_sets = [idx for _, idx in layer.scale_sets()]
+    fake_acc, fake_x = _per_channel(fake_calls, scale_sets, out.shape)
+    # the engine makes one call per distinct scale too, in the order of each set's first channel
+    int_acc, int_x = _per_channel(int_calls, sorted(scale_sets, key=lambda idx: int(idx.min())), out.shape)
     assert torch.equal(fake_acc, int_acc)  # x̄ ⊕ w̄, exactly
     assert all(torch.equal(fake_x[c], int_x[c]) for c in range(cout))  # x̄
     # requantised output: within one LSB of the 2^-F grid (plus float64's own rounding of y)
@@ -242,7 +290,9 @@ def images():
 
 def _check_model(q, x, numpy_images: int | None = None):
     g = convert(q, NORM)
-    logits = IntegerEngine(g)(x)
+    logits = IntegerEngine(g, chunk=4)(x)  # 6 images: a full chunk and a partial one
+    with kernels.use_backend("reference"):
+        assert torch.equal(IntegerEngine(g)(x), logits)
     with torch.no_grad():
         ref64 = float64_reference(q)(normalize(x, *NORM))
     assert torch.equal(logits.argmax(1), ref64.argmax(1))

@@ -221,3 +221,37 @@ def _check_all_ops(n, c, o, h, wd, kh, kw, sh, sw, ph, pw, dh, dw, uint8, seed):
     _assert_close(gx, _reference(kernels.adder_grad_input, g.double(), x.double(), w.double(), s, p, d))
     xq, wq = _int_inputs(case, torch.uint8 if uint8 else torch.int8, seed)
     assert torch.equal(kernels.int_adder_conv2d(xq, wq, s, p, d), _reference(kernels.int_adder_conv2d, xq, wq, s, p, d))
+
+
+# ------------------------------------------------------------------- integer engine element-wise ops
+
+
+@settings(max_examples=25, deadline=None)
+@given(bits=st.integers(2, 8), n=st.integers(0, 3000), dtype=st.sampled_from([torch.int8, torch.uint8, torch.int16]),
+       seed=st.integers(0, 2**16), isa_name=st.sampled_from(ISAS))
+def test_int_quantize_matches_reference(bits, n, dtype, seed, isa_name):
+    """Both C paths (linear AVX2 count up to 64 thresholds, binary search beyond) against bucketize,
+    with values on, beside and beyond every threshold."""
+    g = torch.Generator().manual_seed(seed)
+    qmin = 0 if dtype == torch.uint8 else -(2 ** (bits - 1))
+    t = torch.randint(-(2**61), 2**61, (2**bits - 1,), generator=g).sort().values
+    z = torch.cat([torch.randint(-(2**62), 2**62, (n,), generator=g), t, t - 1, t + 1])
+    z = z[torch.randperm(len(z), generator=g)]
+    with cpu.force_isa(isa_name):
+        got = kernels.int_quantize(z, t, qmin, dtype)
+    want = _reference(kernels.int_quantize, z, t, qmin, torch.int64)
+    assert got.dtype == dtype
+    assert torch.equal(got.to(torch.int64), want)
+
+
+def test_int_requant_rejects_bad_parameters():
+    v = torch.zeros(1, 2, 3, dtype=torch.int32)
+    ok = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="2 entries"):
+        cpu.BACKEND.requant(v, ok[:1], ok, ok, None, False)
+    with pytest.raises(ValueError, match=r"\[0, 62\]"):
+        cpu.BACKEND.requant(v, ok, ok + 63, ok, None, False)
+    with pytest.raises(ValueError, match="residual"):
+        cpu.BACKEND.requant(v, ok, ok, ok, torch.zeros(1, 2, 4, dtype=torch.int64), False)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        kernels.int_requant(v.float(), ok, ok, ok)

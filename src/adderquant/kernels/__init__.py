@@ -1,10 +1,11 @@
 """The single dispatch point for adder arithmetic.
 
-Every adder computation in the package goes through the four functions below. A backend is an
+Every adder computation in the package goes through the functions below. A backend is an
 object with a ``name``, ``supports(op, *tensors) -> bool`` and any of the methods ``forward``,
 ``grad_input``, ``grad_weight``, ``int_forward`` (same signatures as the functions here, geometry
-already normalised to pairs). The pure-PyTorch ``reference`` backend implements all of them and is
-what every faster backend is tested against.
+already normalised to pairs), ``requant`` and ``quantize`` (the integer engine's element-wise ops).
+The pure-PyTorch ``reference`` backend implements all of them and is what every faster backend is
+tested against.
 
 Selection: the first registered backend (fastest first) that supports the call, unless
 ``ADDERQUANT_BACKEND`` or :func:`use_backend` names one.
@@ -58,13 +59,7 @@ def _pick(op: str, *tensors: torch.Tensor):
             continue
         if hasattr(backend, op) and backend.supports(op, *tensors):
             return getattr(backend, op)
-    if wanted is not None and wanted != "reference":
-        return _pick_reference(op)
-    return _pick_reference(op)
-
-
-def _pick_reference(op: str):
-    return getattr(reference.BACKEND, op)
+    return getattr(reference.BACKEND, op)  # a forced backend that cannot take the call falls back too
 
 
 def _pair(v) -> Pair:
@@ -102,6 +97,25 @@ def int_adder_conv2d(x_q, w_q, stride=1, padding=0, dilation=1) -> torch.Tensor:
             raise TypeError(f"int_adder_conv2d: {name} must be an integer tensor, got {t.dtype}")
     s, p, d = _pair(stride), _pair(padding), _pair(dilation)
     return _pick("int_forward", x_q, w_q)(x_q, w_q, s, p, d)
+
+
+def int_requant(v, mult, shift, bias, residual=None, relu=False) -> torch.Tensor:
+    """Requantise an integer accumulator ``v`` (N, C, …) to int64 fixed point, in one pass where fused:
+
+    ``floor((v·M_c + 2^(sh_c−1)) / 2^sh_c) + B_c``, plus ``residual`` (int64, v's shape), then ReLU.
+    ``mult``, ``shift``, ``bias`` are int64 per channel. Raises OverflowError when some ``|v|·max|M|``
+    exceeds 2^62."""
+    if v.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"int_requant: v must be int32 or int64, got {v.dtype}")
+    return _pick("requant", v, mult, shift, bias)(v, mult, shift, bias, residual, relu)
+
+
+def int_quantize(z, thresholds, qmin: int, dtype: torch.dtype) -> torch.Tensor:
+    """``qmin + #{t ∈ thresholds : t ≤ z}`` as ``dtype``: clamped rounding of int64 ``z`` to a grid,
+    read off the sorted thresholds that ``integer.runtime_numpy.quant_thresholds`` computes."""
+    if z.dtype != torch.int64 or thresholds.dtype != torch.int64:
+        raise TypeError(f"int_quantize: z and thresholds must be int64, got {z.dtype}, {thresholds.dtype}")
+    return _pick("quantize", z, thresholds)(z, thresholds, qmin, dtype)
 
 
 register(reference.BACKEND)

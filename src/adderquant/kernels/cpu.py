@@ -1,7 +1,8 @@
 """The ``cpu`` adder backend: a small C extension (``adderquant._adder_cpu``) reached through ctypes.
 
 It serves the float32 forward and input gradient (AVX2 / AVX-512 register-blocked kernels of
-``acc += |x - w|``) and the integer forward (``vpsadbw`` sums of absolute differences, exact int32)
+``acc += |x - w|``), the integer forward (``vpsadbw`` sums of absolute differences, exact int32) and
+the integer engine's fused element-wise ops (requantise + residual + ReLU; threshold quantisation)
 for contiguous-able CPU tensors; everything else — float64 (the tests' reference precision), the
 weight gradient (two matrix products in the reference already), other devices and dtypes — is
 left to the next backend by ``supports()`` returning False or the method being absent.
@@ -23,6 +24,7 @@ from . import reference
 
 ISA_NAMES = ("scalar", "avx2", "avx512")
 _INT_X = (torch.int8, torch.uint8)
+_QUANT_OUT = {torch.int8: 1, torch.uint8: 1, torch.int16: 2}
 
 
 def _load() -> ctypes.CDLL | None:
@@ -41,6 +43,8 @@ def _load() -> ctypes.CDLL | None:
         ("aq_forward_f32", [p, p, p, i64p, i]),
         ("aq_grad_input_f32", [p, p, p, p, i64p, i]),
         ("aq_int_forward", [p, i, p, p, i64p, i]),
+        ("aq_requant", [p, i, p, p, p, p, i, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, i]),
+        ("aq_quantize", [p, ctypes.c_int64, p, ctypes.c_int64, ctypes.c_int64, i, p, i]),
         ("aq_set_isa", [i]),
         ("aq_isa", []),
         ("aq_isa_max", []),
@@ -118,6 +122,8 @@ class _Cpu:
         if op == "int_forward":
             x, w = tensors[:2]
             return _cpu4(x) and _cpu4(w) and x.dtype in _INT_X and w.dtype == torch.int8 and x.shape[1] == w.shape[1]
+        if op in ("requant", "quantize"):
+            return all(t.device.type == "cpu" for t in tensors)
         return False
 
     def forward(self, x, weight, stride, padding, dilation):
@@ -164,6 +170,40 @@ class _Cpu:
             )
         )
         return y
+
+
+    def requant(self, v, mult, shift, bias, residual, relu):
+        n, c = v.shape[:2]
+        v = v.contiguous()
+        mult, shift, bias = (t.to(torch.int64).contiguous() for t in (mult, shift, bias))
+        if residual is not None:
+            residual = residual.to(torch.int64).contiguous()
+            if residual.shape != v.shape:
+                raise ValueError(f"int_requant: residual of shape {tuple(residual.shape)}, v {tuple(v.shape)}")
+        if not mult.numel() == shift.numel() == bias.numel() == c:
+            raise ValueError(f"int_requant: per-channel parameters must have {c} entries")
+        if int(shift.min()) < 0 or int(shift.max()) > 62:
+            raise ValueError("int_requant: shifts must lie in [0, 62]")
+        y = torch.empty(v.shape, dtype=torch.int64)
+        rc = self._lib.aq_requant(
+            v.data_ptr(), int(v.dtype == torch.int64), mult.data_ptr(), shift.data_ptr(), bias.data_ptr(),
+            None if residual is None else residual.data_ptr(), int(relu), n, c, v[0, 0].numel() if n and c else 0,
+            y.data_ptr(), torch.get_num_threads(),
+        )
+        if rc == 2:
+            lo, hi = torch.aminmax(v)
+            m = int(mult.abs().max())
+            raise OverflowError(f"requant: |value| {max(-int(lo), int(hi))} times multiplier {m} leaves int64")
+        return y
+
+    def quantize(self, z, thresholds, qmin, dtype):
+        if dtype not in _QUANT_OUT:
+            return reference.BACKEND.quantize(z, thresholds, qmin, dtype)
+        z, thresholds = z.contiguous(), thresholds.contiguous()
+        q = torch.empty(z.shape, dtype=dtype)
+        self._lib.aq_quantize(z.data_ptr(), z.numel(), thresholds.data_ptr(), thresholds.numel(), qmin,
+                              _QUANT_OUT[dtype], q.data_ptr(), torch.get_num_threads())
+        return q
 
 
 BACKEND = _Cpu(_LIB) if _LIB is not None else None

@@ -4,7 +4,8 @@ Memory stays within a small multiple of the unfolded input: the forward uses ``t
 (a distance primitive that never builds the ``N × O × K × P`` difference tensor); the input
 gradient walks the output channels in chunks sized so the temporary is at most ``_CHUNK_FACTOR``
 unfolded inputs; the weight gradient is two matrix products, because
-``Σ G·(X − W) = G·Xᵀ − W·ΣG``.
+``Σ G·(X − W) = G·Xᵀ − W·ΣG``. The integer engine's element-wise ops (requantisation, clamped
+quantisation) are here too, as plain int64 tensor formulas.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 _CHUNK_FACTOR = 4  # temporaries stay within this many copies of the unfolded input
+INT64_LIMIT = 2**62  # |v·M| must stay below this in requantisation (headroom for the rounding add)
 
 
 def _unfold(x, kernel, stride, padding, dilation):
@@ -68,6 +70,26 @@ class _Reference:
         """Exact: float64 holds every partial sum of int8/uint8/int16 differences exactly."""
         acc = self.forward(x_q.to(torch.float64), w_q.to(torch.float64), stride, padding, dilation)
         return acc.to(torch.int32)
+
+    def requant(self, v, mult, shift, bias, residual, relu):
+        """``floor((v·M + 2^(sh−1)) / 2^sh) + B`` per channel (dim 1) in int64, then ``+ residual``, ReLU."""
+        m = int(mult.abs().max()) if mult.numel() else 0
+        if m and v.numel():
+            lo, hi = torch.aminmax(v)
+            if max(-int(lo), int(hi)) > INT64_LIMIT // m:
+                raise OverflowError(f"requant: |value| {max(-int(lo), int(hi))} times multiplier {m} leaves int64")
+        mult, shift, bias = (t.view((1, -1) + (1,) * (v.dim() - 2)) for t in (mult, shift, bias))
+        y = v.to(torch.int64) * mult
+        y += (torch.ones_like(shift) << shift) >> 1
+        y >>= shift
+        y += bias
+        if residual is not None:
+            y += residual
+        return y.clamp_min_(0) if relu else y
+
+    def quantize(self, z, thresholds, qmin, dtype):
+        """``qmin + #{T ≤ z}``: the clamped rounding of ``z`` read off sorted thresholds."""
+        return torch.bucketize(z.contiguous(), thresholds, right=True).add_(qmin).to(dtype)
 
 
 BACKEND = _Reference()
