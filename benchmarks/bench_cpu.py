@@ -1,4 +1,4 @@
-"""Adder-layer CPU kernels against torch's conv2d on the ResNet-20 (CIFAR) layer shapes.
+"""Adder-layer CPU kernels against torch's conv2d on a model's adder-layer shapes (ResNet-20 by default).
 
 One run, side by side, batch 64 by default and 2 threads: torch.nn.functional.conv2d (fp32), the
 reference adder forward (torch.cdist), the ``cpu`` backend's fp32 and int8 forward, and with
@@ -7,49 +7,29 @@ of ``--repeat`` runs after one warm-up, in milliseconds, the timed functions tak
 shared machine, compare runs taken while it is quiet: with the cores busy elsewhere, every OpenMP
 join waits out a time slice and all columns degrade). Not a test::
 
-    python benchmarks/bench_cpu.py [--batch 64] [--threads 2] [--repeat 5] [--grad] [--json out.json]
+    python benchmarks/bench_cpu.py [--model resnet20] [--batch 64] [--threads 2] [--repeat 5] [--grad] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
+from common import cpu_name, take_turns
 
 from adderquant import kernels
-
-# (name, C_in, H=W, C_out, kernel, stride, padding)
-LAYERS = [
-    ("stage1 3x3", 16, 32, 16, 3, 1, 1),
-    ("16->32 3x3 s2", 16, 32, 32, 3, 2, 1),
-    ("16->32 1x1 s2", 16, 32, 32, 1, 2, 0),
-    ("stage2 3x3", 32, 16, 32, 3, 1, 1),
-    ("32->64 3x3 s2", 32, 16, 64, 3, 2, 1),
-    ("32->64 1x1 s2", 32, 16, 64, 1, 2, 0),
-    ("stage3 3x3", 64, 8, 64, 3, 1, 1),
-]
-
+from adderquant.models import adder_shapes
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = time.perf_counter
 
 
 def best_ms(fns: dict, repeat: int) -> dict:
-    """Best time of each function in ms; the functions take turns, so that a load that comes and goes
-    on a shared machine hits them alike."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = _clock()
-            fn()
-            best[name] = min(best[name], _clock() - t0)
-    return {name: t * 1e3 for name, t in best.items()}
+    """Best time of each function in ms, the functions taking turns."""
+    return {name: 1e3 * min(ts) for name, ts in take_turns(fns, repeat, _clock).items()}
 
 
 def _bench_layer(layer, args) -> dict:
@@ -85,6 +65,7 @@ def _bench_layer(layer, args) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="resnet20", help="registry model whose adder-layer shapes are timed")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
@@ -107,7 +88,7 @@ def main(argv=None) -> dict:
     from adderquant.kernels import cpu
 
     torch.manual_seed(0)
-    rows = [_bench_layer(layer, args) for layer in LAYERS]
+    rows = [_bench_layer(layer, args) for layer in adder_shapes(args.model)]
 
     def fmt(v, ratio=False):
         return "-" if v is None else (f"{v:.2f}x" if ratio else f"{v:.2f}")
@@ -133,7 +114,7 @@ def main(argv=None) -> dict:
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     info = (
         f"torch {torch.__version__}, {args.threads} threads, isa {cpu.isa()}, "
-        f"{platform.processor() or platform.machine()}, best of {args.repeat}, {args.clock} clock"
+        f"{cpu_name()}, best of {args.repeat}, {args.clock} clock"
     )
     print(info)
     for i, row in enumerate(table):
@@ -147,6 +128,7 @@ def main(argv=None) -> dict:
         "info": info,
         "threads": args.threads,
         "batch": args.batch,
+        "model": args.model,
         "clock": args.clock,
         "isa": cpu.isa(),
         "rows": rows,

@@ -31,16 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-# (name, C_in, H=W, C_out, kernel, stride, padding)
-LAYERS = [
-    ("stage1 3x3", 16, 32, 16, 3, 1, 1),
-    ("16->32 3x3 s2", 16, 32, 32, 3, 2, 1),
-    ("16->32 1x1 s2", 16, 32, 32, 1, 2, 0),
-    ("stage2 3x3", 32, 16, 32, 3, 1, 1),
-    ("32->64 3x3 s2", 32, 16, 64, 3, 2, 1),
-    ("32->64 1x1 s2", 32, 16, 64, 1, 2, 0),
-    ("stage3 3x3", 64, 8, 64, 3, 1, 1),
-]
 INT8_MODES = ("fp32", "int32", "vabsdiff4")
 DEVICE = "cuda"  # a dry run of this script's logic on CPU (interpreter) sets this to "cpu"
 
@@ -354,7 +344,9 @@ def main(argv=None) -> dict:
     out["layers"] = []
     out["skipped"] = []
     if not args.skip_layers:
-        for layer in LAYERS:
+        from adderquant.models import adder_shapes
+
+        for layer in adder_shapes("resnet20"):
             if time.monotonic() - start > args.budget_s * 0.6:
                 out["skipped"].append(f"layer {layer[0]}: time budget")
                 continue

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import cpu_name, take_turns
 
 from adderquant import kernels
 from adderquant.data import CIFAR_ADDERNET_NORM, calibration_subset, load_dataset, normalize
@@ -87,19 +86,13 @@ def main(argv=None) -> int:
     rows = []
     for bs in args.batch:
         x = images[:bs]
-        for fn in runners.values():  # warm-up
-            fn(x)
-        best = dict.fromkeys(runners, float("inf"))
-        for _ in range(args.repeat):
-            for name, fn in runners.items():
-                t0 = time.perf_counter()
-                fn(x)
-                best[name] = min(best[name], time.perf_counter() - t0)
+        times = take_turns({name: (lambda fn=fn, x=x: fn(x)) for name, fn in runners.items()}, args.repeat)
+        best = {name: min(ts) for name, ts in times.items()}
         rows.append({"batch": bs, **{f"{k}_img_s": bs / t for k, t in best.items()},
                      **{f"{k}_ms": 1e3 * t for k, t in best.items()}})
 
     names = list(runners)
-    print(f"# {source}: 4-bit paper PTQ, first/last 8-bit; {platform.processor() or platform.machine()}, "
+    print(f"# {source}: 4-bit paper PTQ, first/last 8-bit; {cpu_name()}, "
           f"{args.threads} threads, adder backends {kernels.available_backends()}; best of {args.repeat}")
     print("batch | " + " | ".join(f"{n} img/s" for n in names) + " | int_torch/fake_quant | int_numpy/int_torch")
     for r in rows:
@@ -111,7 +104,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"source": source, "threads": args.threads, "repeat": args.repeat,
                                                "backends": kernels.available_backends(),
-                                               "numpy": np.__version__, "torch": torch.__version__,
+                                               "numpy": np.__version__, "torch": torch.__version__, "cpu": cpu_name(),
                                                "rows": rows}, indent=1))
     return 0
 

@@ -60,7 +60,7 @@ def test_apot_qat_stage_saves_and_reloads(checkpoints_root, cifar_subset, capsys
     assert rc == 0 and _last_json(capsys)["format"] == "adderquant"
 
 
-def test_export_then_eval_with_the_numpy_runtime(official_addernet, cifar_subset, capsys, tmp_path):
+def test_export_then_eval_with_both_integer_runtimes(official_addernet, cifar_subset, capsys, tmp_path):
     aqz = tmp_path / "r20w4.aqz"
     rc = main(["quantize", "--checkpoint", str(official_addernet), "--data", str(cifar_subset), "--bits", "4",
                "--quantize-first-last", "--limit", "40", "--calib-size", "64", "--export", str(aqz), "--json"])
@@ -68,7 +68,11 @@ def test_export_then_eval_with_the_numpy_runtime(official_addernet, cifar_subset
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(aqz), "--data", str(cifar_subset), "--limit", "40", "--json"]) == 0
     out = _last_json(capsys)
-    assert out["format"] == "aqz" and out["n"] == 40 and 50 < out["top1"] <= 100
+    assert out["format"] == "aqz" and out["runtime"] == "engine" and out["n"] == 40 and 50 < out["top1"] <= 100
+    assert main(["eval", "--checkpoint", str(aqz), "--data", str(cifar_subset), "--limit", "40", "--json",
+                 "--runtime", "numpy"]) == 0
+    out_numpy = _last_json(capsys)
+    assert out_numpy["runtime"] == "numpy" and (out_numpy["top1"], out_numpy["top5"]) == (out["top1"], out["top5"])
     blob = bytearray(aqz.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     aqz.write_bytes(bytes(blob))

@@ -435,6 +435,8 @@ def test_evaluate_aqz(exported, images):
     np.testing.assert_array_equal(res["predictions"], preds)
     assert res["top1"] == pytest.approx(100.0 * (preds == y).mean())
     assert json.dumps(evaluate_aqz(path, images.numpy(), y))  # JSON-ready without predictions
+    by_engine = evaluate_aqz(IntegerEngine(path), images.numpy(), y, return_predictions=True)
+    np.testing.assert_array_equal(by_engine["predictions"], preds)
 
 
 def test_numpy_runtime_runs_without_torch(exported, images, tmp_path):

@@ -74,7 +74,7 @@ def test_forward_matches_reference(isa, case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_grad_input_matches_reference(isa, case):
+def test_gradients_match_reference(isa, case):
     x, w = _tensors(case, seed=1)
     s, p, d = case[6:]
     # scale so that many differences fall on both sides of the HardTanh clip at ±1
@@ -83,6 +83,8 @@ def test_grad_input_matches_reference(isa, case):
     gx = kernels.adder_grad_input(g, x, w, s, p, d)
     assert gx.shape == x.shape
     _assert_close(gx, _reference(kernels.adder_grad_input, g.double(), x.double(), w.double(), s, p, d))
+    gw = kernels.adder_grad_weight(g, x, w, s, p, d)  # Σ G·X − W·ΣG: cancellation, so a looser bound
+    _assert_close(gw, _reference(kernels.adder_grad_weight, g.double(), x.double(), w.double(), s, p, d), rtol=1e-4)
 
 
 def _int_inputs(case, x_dtype, seed=0):
@@ -131,8 +133,8 @@ def test_dispatch(monkeypatch):
     assert b.supports("forward", x, w) and b.supports("grad_input", torch.randn(1, 4, 4, 4), x, w)
     assert not b.supports("forward", x.double(), w.double())  # float64 stays on the reference
     assert not b.supports("forward", x.half(), w.half())
-    assert not b.supports("grad_weight", torch.randn(1, 4, 4, 4), x, w)  # two matmuls in the reference
-    assert not hasattr(b, "grad_weight")
+    assert b.supports("grad_weight", torch.randn(1, 4, 4, 4), x, w)
+    assert not b.supports("grad_weight", torch.randn(1, 4, 4, 4).double(), x.double(), w.double())
     xq, wq = torch.zeros(1, 3, 6, 6, dtype=torch.int8), torch.zeros(4, 3, 3, 3, dtype=torch.int8)
     assert b.supports("int_forward", xq, wq) and b.supports("int_forward", xq.to(torch.uint8), wq)
     assert not b.supports("int_forward", xq.to(torch.int16), wq)
@@ -148,7 +150,7 @@ def test_non_contiguous_inputs():
 
 
 def test_autograd_end_to_end():
-    """adder_conv2d in float32 (cpu backend for forward and input gradient) against float64 (reference)."""
+    """adder_conv2d in float32 (cpu backend for the forward and both gradients) against float64 (reference)."""
     x = torch.randn(3, 5, 8, 8, requires_grad=True)
     w = torch.randn(6, 5, 3, 3, requires_grad=True)
     y = adder_conv2d(x, w, stride=2, padding=1)
@@ -219,6 +221,8 @@ def _check_all_ops(n, c, o, h, wd, kh, kw, sh, sw, ph, pw, dh, dw, uint8, seed):
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1))
     gx = kernels.adder_grad_input(g, x, w, s, p, d)
     _assert_close(gx, _reference(kernels.adder_grad_input, g.double(), x.double(), w.double(), s, p, d))
+    gw = kernels.adder_grad_weight(g, x, w, s, p, d)
+    _assert_close(gw, _reference(kernels.adder_grad_weight, g.double(), x.double(), w.double(), s, p, d), rtol=1e-4)
     xq, wq = _int_inputs(case, torch.uint8 if uint8 else torch.int8, seed)
     assert torch.equal(kernels.int_adder_conv2d(xq, wq, s, p, d), _reference(kernels.int_adder_conv2d, xq, wq, s, p, d))
 

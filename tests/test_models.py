@@ -110,3 +110,14 @@ def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
         checkpoint.save(model, target, name="resnet20", kind="adder", num_classes=10, normalization=((0,), (1,)))
     assert (tmp_path / "m.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["m.json", "m.safetensors"]
+
+
+def test_adder_shapes_are_read_off_the_model():
+    from adderquant.models import adder_shapes
+
+    shapes = adder_shapes("resnet20")
+    got = {(s.c_in, s.size, s.c_out, s.kernel, s.stride, s.padding) for s in shapes}
+    assert len(shapes) == len(got) == 7
+    assert got == {(16, 32, 16, 3, 1, 1), (16, 32, 32, 3, 2, 1), (16, 32, 32, 1, 2, 0), (32, 16, 32, 3, 1, 1),
+                   (32, 16, 64, 3, 2, 1), (32, 16, 64, 1, 2, 0), (64, 8, 64, 3, 1, 1)}
+    assert shapes[0].label == "16->16 3x3 @32x32"

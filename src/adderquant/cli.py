@@ -128,6 +128,9 @@ def _add_eval(sub) -> argparse.ArgumentParser:
     p.add_argument("--unsafe-load", action="store_true",
                    help="allow arbitrary pickled objects in the checkpoint (only for files you trust)")
     p.add_argument("--bits", type=int, default=None, help="bit width of an APoT checkpoint (the file does not say)")
+    p.add_argument("--runtime", choices=("engine", "numpy"), default="engine",
+                   help="what runs an .aqz file: the integer engine (PyTorch integer ops and the C kernels; "
+                        "fastest) or the torch-free NumPy runtime (same integers)")
     _add_common(p)
     return p
 
@@ -165,16 +168,16 @@ def _run_eval(args) -> int:
 
 
 def _eval_aqz(args) -> int:
-    """An exported integer model, run by the NumPy-only runtime (no torch in the arithmetic)."""
-    from .integer import evaluate_aqz
+    """An exported integer model, run by the integer engine or the NumPy-only runtime (identical integers)."""
+    from .integer import IntegerEngine, NumpyRuntime, evaluate_aqz
 
     dataset = _data(args)
     n = len(dataset.x_test) if args.limit is None else min(args.limit, len(dataset.x_test))
-    res = evaluate_aqz(args.checkpoint, dataset.x_test[:n].numpy(), dataset.y_test[:n].numpy(),
-                                      batch_size=args.batch_size)
-    payload = {**res, "model": res.get("model"), "format": "aqz", "checkpoint": args.checkpoint, "data": args.data,
-               "dataset": dataset.name, "device": "cpu (numpy runtime)"}
-    human = (f"{args.checkpoint} (integer, NumPy runtime) on {dataset.name} test, {res['n']} images: "
+    runner = (IntegerEngine if args.runtime == "engine" else NumpyRuntime)(args.checkpoint)
+    res = evaluate_aqz(runner, dataset.x_test[:n].numpy(), dataset.y_test[:n].numpy(), batch_size=args.batch_size)
+    payload = {**res, "format": "aqz", "runtime": args.runtime, "checkpoint": args.checkpoint, "data": args.data,
+               "dataset": dataset.name, "device": "cpu"}
+    human = (f"{args.checkpoint} (integer, {args.runtime} runtime) on {dataset.name} test, {res['n']} images: "
              f"top-1 {res['top1']:.2f} %, top-5 {res['top5']:.2f} % ({res['seconds']:.1f} s)")
     _emit(args, payload, human)
     return 0

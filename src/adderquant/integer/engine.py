@@ -118,7 +118,8 @@ def _fuse(nodes: list[dict]) -> list[dict]:
 class IntegerEngine:
     """Runs an :class:`IntegerGraph` (or an ``.aqz`` file) on uint8 NCHW images.
 
-    ``engine(x)`` returns int64 logits on the grid ``2^-frac_bits``; ``predict`` their argmax.
+    ``engine(x)`` returns int64 logits on the grid ``2^-frac_bits`` (a NumPy array for a NumPy input, as
+    the NumPy runtime does); ``predict`` their argmax.
     Images run ``chunk`` at a time: every op is per image, so the result does not depend on it, and
     small chunks keep the int64 activations in cache (and out of the allocator's page-faulting
     ``mmap`` range): 64 was fastest for ResNet-20 on the 2-core development machine (16–512 tried).
@@ -164,7 +165,9 @@ class IntegerEngine:
         return self.graph.frac_bits
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        if isinstance(x, np.ndarray):
+            return self(torch.from_numpy(x)).numpy()
         spec = self.graph.input
         dtype = getattr(torch, spec["dtype"])
         if x.dtype != dtype:

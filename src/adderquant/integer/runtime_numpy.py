@@ -398,9 +398,12 @@ def evaluate_aqz(path, x_uint8_nchw: np.ndarray, y: np.ndarray, batch_size: int 
                  return_predictions: bool = False) -> dict:
     """Top-1/top-5 accuracy (percent) of an ``.aqz`` model on uint8 NCHW images with labels ``y``.
 
+    ``path`` is the file (run by :class:`NumpyRuntime`) or any loaded runner with a
+    ``logits(uint8 array) -> int64 array`` method (``NumpyRuntime``, ``IntegerEngine``).
+
     Returns ``{"top1", "top5", "n", "seconds"}`` (JSON-ready); ``return_predictions`` adds the top-1
     class of every image as ``"predictions"`` (an int64 array)."""
-    rt = path if isinstance(path, NumpyRuntime) else NumpyRuntime(path)
+    rt = path if hasattr(path, "logits") else NumpyRuntime(path)
     x, y = np.asarray(x_uint8_nchw), np.asarray(y)
     if len(x) != len(y):
         raise ValueError(f"evaluate_aqz: {len(x)} images but {len(y)} labels")

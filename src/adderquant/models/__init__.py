@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import torch
 from torch import nn
 
 from .resnet_cifar import CifarResNet
@@ -50,4 +52,39 @@ def input_size(name: str) -> int:
     return 32 if REGISTRY[name].dataset == "cifar" else 224
 
 
-__all__ = ["REGISTRY", "ModelSpec", "create", "names", "input_size"]
+class AdderShape(NamedTuple):
+    """One adder layer's geometry (square kernels and inputs, as in every registry model)."""
+
+    label: str
+    c_in: int
+    size: int  # input height = width
+    c_out: int
+    kernel: int
+    stride: int
+    padding: int
+
+
+def adder_shapes(name: str) -> list[AdderShape]:
+    """The distinct adder-layer geometries of a registry model, in execution order: what the kernel
+    benchmarks time, read off the model itself (forward hooks on one image) rather than typed in."""
+    from ..nn import AdderConv2d
+
+    model, seen = create(name).eval(), {}
+
+    def hook(mod, args):
+        c, h = args[0].shape[1], args[0].shape[2]
+        o, k, s, p = mod.out_channels, mod.kernel_size[0], mod.stride[0], mod.padding[0]
+        label = f"{c}->{o} {k}x{k}" + (f" s{s}" if s > 1 else "") + f" @{h}x{h}"
+        seen.setdefault((c, h, o, k, s, p), AdderShape(label, c, h, o, k, s, p))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, AdderConv2d)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size(name), input_size(name)))
+    finally:
+        for h in handles:
+            h.remove()
+    return list(seen.values())
+
+
+__all__ = ["REGISTRY", "AdderShape", "ModelSpec", "adder_shapes", "create", "names", "input_size"]
