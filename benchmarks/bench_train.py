@@ -65,7 +65,7 @@ def _variant(model_name: str, kind: str, backend: str | None, batch: int, seed: 
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 

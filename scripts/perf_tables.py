@@ -66,18 +66,19 @@ def train_section(d: dict) -> str:
     body = [[names.get(r["variant"], r["variant"]), f"{r['step_ms']:.0f}", f"{r['img_s']:.0f}",
              f"{r['epoch_s_extrapolated']:.0f}", "–" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}",
              _x(r.get("over_conv"))] for r in d["rows"]]
-    return (f"**CPU training** — {d['model']}, full steps (forward, AdderNet backward, SGD), batch {d['batch']}; "
-            f"the epoch time is the median step × the steps of {d['epoch_images']:,} images. {d['info']}.\n\n"
+    return (f"**CPU training** — full steps (forward, AdderNet backward, SGD with momentum); the epoch time is the "
+            f"median step × the steps of {d['epoch_images']:,} images. {d['info']}.\n\n"
             + _table(head, body))
 
 
 def integer_section(d: dict) -> str:
     names = [k[: -len("_img_s")] for k in d["rows"][0] if k.endswith("_img_s")]
-    head = ["batch", *(f"{n} img/s" for n in names)]
-    body = [[str(r["batch"]), *(f"{r[f'{n}_img_s']:.0f}" for n in names)] for r in d["rows"]]
-    return (f"**Integer inference** — {d['source']}, 4-bit paper PTQ with 8-bit first/last layers; `fp` the float "
-            f"AdderNet, `fake_quant` the fake-quantized float model, `int_torch` the integer engine, `int_numpy` "
-            f"the torch-free runtime; {d['threads']} threads, best of {d['repeat']}, {d.get('cpu', '')}.\n\n"
+    head = ["batch", *(f"{n} img/s" for n in names), "int_torch speed-up over fp"]
+    body = [[str(r["batch"]), *(f"{r[f'{n}_img_s']:.0f}" for n in names),
+             _x(r["int_torch_img_s"] / r["fp_img_s"])] for r in d["rows"]]
+    return (f"**Integer inference** — ResNet-20 `{Path(d['source']).name}`, 4-bit paper PTQ with 8-bit first/last "
+            f"layers; `fp` the float AdderNet, `fake_quant` the fake-quantized float model, `int_torch` the integer "
+            f"engine, `int_numpy` the torch-free runtime; {d['threads']} threads, best of {d['repeat']}, {d.get('cpu', '')}.\n\n"
             + _table(head, body))
 
 
