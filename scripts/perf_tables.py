@@ -78,7 +78,8 @@ def integer_section(d: dict) -> str:
              _x(r["int_torch_img_s"] / r["fp_img_s"])] for r in d["rows"]]
     return (f"**Integer inference** — ResNet-20 `{Path(d['source']).name}`, 4-bit paper PTQ with 8-bit first/last "
             f"layers; `fp` the float AdderNet, `fake_quant` the fake-quantized float model, `int_torch` the integer "
-            f"engine, `int_numpy` the torch-free runtime; {d['threads']} threads, best of {d['repeat']}, {d.get('cpu', '')}.\n\n"
+            f"engine, `int_numpy` the torch-free runtime; {d['threads']} threads, best of {d['repeat']}, "
+            f"{d.get('cpu', '')}.\n\n"
             + _table(head, body))
 
 
