@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -32,8 +33,10 @@ from adderquant.integer import IntegerEngine, NumpyRuntime, export
 from adderquant.models import create
 from adderquant.quant import QuantConfig, quantize
 
-OFFICIAL = "/work/shared/checkpoints/addernet-resnet20-cifar10.pth"
-SUBSET = "/work/shared/data/cifar10-subset.npz"
+_SHARED = Path(__file__).resolve().parents[2] / "shared"  # the checkout's sibling, as in the tests
+_CHECKPOINTS = Path(os.environ.get("ADDERQUANT_CHECKPOINTS", _SHARED / "checkpoints"))
+OFFICIAL = str(_CHECKPOINTS / "addernet-resnet20-cifar10.pth")
+SUBSET = str(Path(os.environ.get("ADDERQUANT_DATA", _SHARED / "data")) / "cifar10-subset.npz")
 
 
 def _model_and_images(args):
