@@ -21,6 +21,7 @@ setup(
         Extension(
             "adderquant._adder_cpu",
             sources=["csrc/adder_cpu.c", "csrc/int_ops.c"],
+            depends=["csrc/aq_common.h"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
             optional=True,

@@ -34,25 +34,10 @@
 #include <Python.h>
 #endif
 
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#define AQ_X86 1
-#include <immintrin.h>
-#else
-#define AQ_X86 0
-#endif
-
-#if defined(__GNUC__)
-#define AQ_EXPORT __attribute__((visibility("default")))
-#else
-#define AQ_EXPORT
-#endif
-
-#define AQ_AVX2 __attribute__((target("avx2,fma")))
-#define AQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#include "aq_common.h"
 
 typedef struct {
     int64_t N, C, H, W, O, KH, KW, SH, SW, PH, PW, DH, DW, HO, WO;
@@ -77,8 +62,6 @@ static void *aalloc(size_t bytes) {
     if (posix_memalign(&p, 64, bytes) != 0) return NULL;
     return p;
 }
-
-static int clamp_threads(int nt) { return nt < 1 ? 1 : nt; }
 
 /* ------------------------------------------------------------------------------------------------ */
 /* ISA selection                                                                                    */

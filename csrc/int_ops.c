@@ -11,24 +11,7 @@
  *                bound the PyTorch path checks), 0 otherwise.
  *   aq_quantize  q = qmin + #{t in T : t <= z}   (T sorted ascending; int64 z) as 8- or 16-bit integers.
  */
-#include <stdint.h>
-
-#if defined(__x86_64__) || defined(__i386__)
-#define AQ_X86 1
-#include <immintrin.h>
-#else
-#define AQ_X86 0
-#endif
-
-#if defined(__GNUC__)
-#define AQ_EXPORT __attribute__((visibility("default")))
-#else
-#define AQ_EXPORT
-#endif
-
-int aq_isa(void); /* adder_cpu.c: 0 scalar, 1 AVX2, 2 AVX-512 (cpu.force_isa lowers it for tests) */
-
-static int clamp_threads(int nt) { return nt < 1 ? 1 : nt; }
+#include "aq_common.h"
 
 AQ_EXPORT int aq_requant(const void *v, int v_is_int64, const int64_t *mult, const int64_t *shift,
                          const int64_t *bias, const int64_t *residual, int relu, int64_t N, int64_t C, int64_t HW,
@@ -83,9 +66,8 @@ static void quantize_range(const int64_t *z, int64_t b, int64_t e, const int64_t
 #if AQ_X86
 #define AQ_LINEAR_MAX 64 /* up to 6-bit grids a linear count of 4 lanes beats the binary search */
 /* 4 values at a time: count = -sum_j (x > t_j - 1), thresholds broadcast (|t_j| < 2^62: no wrap). */
-__attribute__((target("avx2"))) static void quantize_range_avx2(const int64_t *z, int64_t b, int64_t e,
-                                                                const int64_t *t, int64_t nthr, int64_t qmin,
-                                                                int out_bytes, void *q) {
+AQ_AVX2 static void quantize_range_avx2(const int64_t *z, int64_t b, int64_t e, const int64_t *t, int64_t nthr,
+                                        int64_t qmin, int out_bytes, void *q) {
     int64_t i = b;
     for (; i + 4 <= e; i += 4) {
         const __m256i x = _mm256_loadu_si256((const __m256i *)(z + i));

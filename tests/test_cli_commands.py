@@ -26,6 +26,15 @@ def test_quantize_json_reports_paired_deltas(official_addernet, cifar_subset, ca
     assert json.loads(save.read_text().splitlines()[-1])["top1"] == out["top1"]
 
 
+def test_quantize_with_qat_reports_where_it_started(official_addernet, cifar_subset, capsys):
+    rc = main(["quantize", "--checkpoint", str(official_addernet), "--data", str(cifar_subset), "--bits", "4",
+               "--qat-epochs", "1", "--qat-limit-train", "64", "--limit", "50", "--calib-size", "32", "--json"])
+    out = _last_json(capsys)
+    assert rc == 0 and out["qat_epochs"] == 1 and 0 <= out["ptq_top1"] <= 100
+    (epoch,) = out["qat_log"]
+    assert epoch["test_n"] == 50 and epoch["test_top1"] == out["top1"]  # the final model is the one QAT left
+
+
 def test_quantize_qssf_reports_the_chosen_variant(official_addernet, cifar_subset, capsys):
     rc = main(["quantize", "--checkpoint", str(official_addernet), "--data", str(cifar_subset), "--bits", "4",
                "--method", "qssf", "--limit", "50", "--calib-size", "32", "--json"])

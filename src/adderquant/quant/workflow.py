@@ -23,7 +23,8 @@ def ptq_run(ckpt, dataset, *, bits: int = 4, method: str = "paper", groups: int 
     """Quantize ``ckpt.model`` on ``calib_size`` training images and evaluate both on the test split.
 
     Returns ``(qmodel, summary)``; ``summary`` holds accuracy, the paired comparison with full
-    precision (delta, changed predictions), the configuration and timings.
+    precision (delta, changed predictions), the configuration and timings; with QAT also the PTQ
+    accuracy it started from (``ptq_top1``) and the per-epoch log.
     """
     start = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -44,10 +45,11 @@ def ptq_run(ckpt, dataset, *, bits: int = 4, method: str = "paper", groups: int 
     else:
         qmodel = quantize(model, calib, config=preset(method, bits, **overrides), progress=progress)
     ptq_seconds = time.perf_counter() - t0
-    qat_log = []
+    qat_log, ptq_top1 = [], None
     if qat_epochs:
         from .qat import QATConfig, qat
 
+        ptq_top1 = evaluate(qmodel, x_test, y_test, ckpt.normalization, device=device, progress=progress).top1
         qat_log = qat(qmodel, dataset, ckpt.normalization,
                       QATConfig(epochs=qat_epochs, lr=qat_lr, limit_train=qat_limit_train, eval_limit=n),
                       device=device, progress=progress)
@@ -58,7 +60,7 @@ def ptq_run(ckpt, dataset, *, bits: int = 4, method: str = "paper", groups: int 
         "bits": bits, "groups": config.groups, "alpha": config.alpha, "calib_size": calib_size,
         "fp_top1": fp.top1, "top1": q.top1, "top5": q.top5, "n": q.n, **{k: v for k, v in paired(fp, q, y_test).items()
                                                                          if k not in ("n", "top1_a", "top1_b")},
-        "qat_epochs": qat_epochs, "qat_log": qat_log, "config": asdict(config),
+        "qat_epochs": qat_epochs, "ptq_top1": ptq_top1, "qat_log": qat_log, "config": asdict(config),
         "qssf_calibration_scores": getattr(qmodel, "qssf_calibration_scores", None),
         "ptq_seconds": ptq_seconds, "eval_seconds": q.seconds, "seconds": time.perf_counter() - start,
     }
