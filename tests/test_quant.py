@@ -222,6 +222,24 @@ def test_qat_steps_reduce_loss_with_ste():
     assert any(not torch.equal(a, b) for a, b in zip(w0, w1, strict=True))  # gradients reached the weights
 
 
+def test_qat_gradient_cap_bounds_every_step():
+    """With ``clip_grad_norm`` the total update of one plain-SGD step is at most lr × the cap."""
+    from adderquant.data import Dataset
+
+    g = _gen(6)
+    x = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=g)
+    y = (x.float().mean((1, 2, 3)) > 127).long()
+    ds = Dataset("toy", x, y, x[:16], y[:16], ["0", "1", "2", "3"], "memory")
+    norm = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    for cap, bounded in ((1e-3, True), (None, False)):
+        q = quantize(_tiny_adder_net(), (x.float() / 255 - 0.5) / 0.25, bits=4, progress=False)
+        before = torch.cat([p.detach().flatten().clone() for p in q.parameters()])
+        qat(q, ds, norm, QATConfig(epochs=1, lr=0.5, momentum=0.0, weight_decay=0.0, batch_size=32, max_steps=1,
+                                   clip_grad_norm=cap), progress=False)
+        moved = float((torch.cat([p.detach().flatten() for p in q.parameters()]) - before).norm())
+        assert (moved <= 0.5 * 1e-3 * (1 + 1e-4)) == bounded, (cap, moved)
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="bits"):
         QuantConfig(bits=1)

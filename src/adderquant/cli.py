@@ -242,6 +242,8 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
     p.add_argument("--qat-epochs", type=int, default=0, help="quantization-aware training epochs (paper: 50)")
     p.add_argument("--qat-lr", type=float, default=1e-4)
     p.add_argument("--qat-limit-train", type=int, default=None, help="QAT on the first N training images")
+    p.add_argument("--qat-clip-grad-norm", type=float, default=None,
+                   help="cap the total gradient norm in QAT (not in the paper; 'ours' diverges without it)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N test images")
     p.add_argument("--export", default=None, help="write the integer model to FILE.aqz")
     p.add_argument("--save", default=None, help="append the JSON result to this JSON-lines file")
@@ -266,7 +268,8 @@ def _run_quantize(args) -> int:
     qmodel, summary = ptq_run(
         ckpt, dataset, bits=args.bits, method=args.method, groups=args.groups, alpha=args.alpha,
         calib_size=args.calib_size, seed=args.seed, quantize_first_last=args.quantize_first_last,
-        qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, qat_limit_train=args.qat_limit_train, limit=args.limit,
+        qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, qat_limit_train=args.qat_limit_train,
+        qat_clip_grad_norm=args.qat_clip_grad_norm, limit=args.limit,
         device=args.device, progress=not args.json)
     summary.update({"checkpoint": path, "data": args.data, "dataset": dataset.name})
     if args.export:

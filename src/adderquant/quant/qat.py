@@ -34,6 +34,7 @@ class QATConfig:
     max_steps: int | None = None  # stop after this many optimizer steps in all
     eval_limit: int | None = None  # test images evaluated after each epoch (None: all)
     log_path: str | None = None  # JSON lines, one object per epoch
+    clip_grad_norm: float | None = None  # total gradient norm cap (None: the paper's recipe, no cap)
 
 
 def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = None, device=None,
@@ -64,6 +65,8 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
             loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if config.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(qmodel.parameters(), config.clip_grad_norm)
             opt.step()
             steps += 1
             loss_sum += float(loss.detach()) * len(yb)

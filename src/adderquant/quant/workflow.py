@@ -19,7 +19,8 @@ from .config import QuantConfig, preset
 def ptq_run(ckpt, dataset, *, bits: int = 4, method: str = "paper", groups: int | None = None,
             alpha: float | None = None, calib_size: int = 1024, seed: int = 0, quantize_first_last: bool = False,
             lossless_act_clamp: bool | None = None, qat_epochs: int = 0, qat_lr: float = 1e-4,
-            qat_limit_train: int | None = None, limit: int | None = None, device=None, progress: bool = True):
+            qat_limit_train: int | None = None, qat_clip_grad_norm: float | None = None, limit: int | None = None,
+            device=None, progress: bool = True):
     """Quantize ``ckpt.model`` on ``calib_size`` training images and evaluate both on the test split.
 
     Returns ``(qmodel, summary)``; ``summary`` holds accuracy, the paired comparison with full
@@ -51,7 +52,8 @@ def ptq_run(ckpt, dataset, *, bits: int = 4, method: str = "paper", groups: int 
 
         ptq_top1 = evaluate(qmodel, x_test, y_test, ckpt.normalization, device=device, progress=progress).top1
         qat_log = qat(qmodel, dataset, ckpt.normalization,
-                      QATConfig(epochs=qat_epochs, lr=qat_lr, limit_train=qat_limit_train, eval_limit=n),
+                      QATConfig(epochs=qat_epochs, lr=qat_lr, limit_train=qat_limit_train, eval_limit=n,
+                                clip_grad_norm=qat_clip_grad_norm),
                       device=device, progress=progress)
     q = evaluate(qmodel, x_test, y_test, ckpt.normalization, device=device, progress=progress)
     config: QuantConfig = qmodel.quant_config if hasattr(qmodel, "quant_config") else preset(method, bits)
