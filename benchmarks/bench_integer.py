@@ -31,12 +31,10 @@ from adderquant import kernels
 from adderquant.data import CIFAR_ADDERNET_NORM, calibration_subset, load_dataset, normalize
 from adderquant.integer import IntegerEngine, NumpyRuntime, export
 from adderquant.models import create
+from adderquant.models.checkpoint import find_official_addernet
 from adderquant.quant import QuantConfig, quantize
 
-_SHARED = Path(__file__).resolve().parents[2] / "shared"  # the checkout's sibling, as in the tests
-_CHECKPOINTS = Path(os.environ.get("ADDERQUANT_CHECKPOINTS", _SHARED / "checkpoints"))
-OFFICIAL = str(_CHECKPOINTS / "addernet-resnet20-cifar10.pth")
-SUBSET = str(Path(os.environ.get("ADDERQUANT_DATA", _SHARED / "data")) / "cifar10-subset.npz")
+SUBSET = str(Path(os.environ.get("ADDERQUANT_DATA", "../shared/data")) / "cifar10-subset.npz")
 
 
 def _model_and_images(args):
@@ -61,7 +59,7 @@ def _model_and_images(args):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=OFFICIAL)
+    ap.add_argument("--checkpoint", default=find_official_addernet())
     ap.add_argument("--data", default=SUBSET)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--repeat", type=int, default=3)

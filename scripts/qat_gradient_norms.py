@@ -10,19 +10,15 @@ the first block's BatchNorm, the classifier, and of all adder weights and all ot
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from adderquant.data import calibration_indices, load_dataset, normalize
-from adderquant.models.checkpoint import load
+from adderquant.models.checkpoint import find_official_addernet, load
 from adderquant.quant import QuantAdderConv2d, quantize
 from adderquant.quant.config import preset
 
-_SHARED = Path(__file__).resolve().parents[2] / "shared"
-OFFICIAL = Path(os.environ.get("ADDERQUANT_CHECKPOINTS", _SHARED / "checkpoints")) / "addernet-resnet20-cifar10.pth"
 NAMED = ("conv1.weight", "bn1.weight", "layer1.0.bn1.weight", "layer3.2.bn2.weight", "fc.weight")
 
 
@@ -40,7 +36,7 @@ def gradient_norms(model, x, y) -> dict[str, float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", default=str(OFFICIAL))
+    ap.add_argument("--checkpoint", default=find_official_addernet())
     ap.add_argument("--data", required=True)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--batch", type=int, default=256)

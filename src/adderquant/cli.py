@@ -18,6 +18,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from .models.checkpoint import CHECKPOINTS_ENV, find_official_addernet
+
 DATA_ENV = "ADDERQUANT_DATA"
 
 
@@ -205,24 +207,6 @@ def _run_models(args) -> int:
 
 # ------------------------------------------------------------------------------------------- quantize
 
-DEFAULT_CHECKPOINT_ENV = "ADDERQUANT_CHECKPOINTS"
-
-
-def _default_checkpoint() -> str | None:
-    """The official AdderNet ResNet-20, where the shared checkpoints are (embedded default)."""
-    from pathlib import Path
-
-    roots = [os.environ.get(DEFAULT_CHECKPOINT_ENV)]
-    if os.environ.get(DATA_ENV):
-        roots.append(str(Path(os.environ[DATA_ENV]).parent / "checkpoints"))
-    roots.append("../shared/checkpoints")
-    for root in filter(None, roots):
-        path = Path(root) / "addernet-resnet20-cifar10.pth"
-        if path.exists():
-            return str(path)
-    return None
-
-
 def _add_quantize(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="post-training quantization (optionally QAT) of an AdderNet",
                        description="Quantize with the paper's method (group-shared scales, lossless weight clamp, "
@@ -230,7 +214,7 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
                                    "evaluate paired with full precision.")
     p.add_argument("--model", default="resnet20")
     p.add_argument("--checkpoint", default=None,
-                   help=f"checkpoint (default: the official AdderNet ResNet-20 under ${DEFAULT_CHECKPOINT_ENV} "
+                   help=f"checkpoint (default: the official AdderNet ResNet-20 under ${CHECKPOINTS_ENV} "
                         "or ../shared/checkpoints)")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--method", default="paper", choices=("paper", "ours", "qssf", "qssf-w", "qssf-a"))
@@ -252,9 +236,9 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
 
 
 def _checkpoint_or_default(args) -> str:
-    path = args.checkpoint or _default_checkpoint()
+    path = args.checkpoint or find_official_addernet()
     if path is None:
-        raise FileNotFoundError(f"no checkpoint given: pass --checkpoint or set {DEFAULT_CHECKPOINT_ENV}")
+        raise FileNotFoundError(f"no checkpoint given: pass --checkpoint or set {CHECKPOINTS_ENV}")
     return path
 
 

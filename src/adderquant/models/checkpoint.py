@@ -43,6 +43,24 @@ Importer = Callable[[dict, str | None, dict], "Checkpoint | None"]
 IMPORTERS: list[tuple[str, Importer]] = []
 
 
+CHECKPOINTS_ENV = "ADDERQUANT_CHECKPOINTS"
+OFFICIAL_ADDERNET = "addernet-resnet20-cifar10.pth"
+
+
+def find_official_addernet() -> str | None:
+    """The authors' AdderNet ResNet-20 (the embedded default of the CLI, scripts and benchmarks):
+    under ``$ADDERQUANT_CHECKPOINTS``, beside ``$ADDERQUANT_DATA``, or in ``../shared/checkpoints``."""
+    roots = [os.environ.get(CHECKPOINTS_ENV)]
+    if os.environ.get("ADDERQUANT_DATA"):
+        roots.append(str(Path(os.environ["ADDERQUANT_DATA"]).parent / "checkpoints"))
+    roots.append("../shared/checkpoints")
+    for root in filter(None, roots):
+        path = Path(root) / OFFICIAL_ADDERNET
+        if path.exists():
+            return str(path)
+    return None
+
+
 def register_importer(name: str, importer: Importer) -> None:
     IMPORTERS[:] = [(n, f) for n, f in IMPORTERS if n != name] + [(name, importer)]
 
