@@ -2,7 +2,8 @@
 
 One run, side by side, batch 64 by default and 2 threads: torch.nn.functional.conv2d (fp32), the
 reference adder forward (torch.cdist), the ``cpu`` backend's fp32 and int8 forward, and with
-``--grad`` the input gradient (cpu backend vs. torch's conv2d input gradient). Times are the best
+``--grad`` the input gradient (cpu backend vs. torch's conv2d input gradient) and the weight gradient
+(cpu backend, i.e. conv2d's weight gradient − W·ΣG, vs. the reference's unfold + einsum). Times are the best
 of ``--repeat`` runs after one warm-up, in milliseconds, the timed functions taking turns (on a
 shared machine, compare runs taken while it is quiet: with the cores busy elsewhere, every OpenMP
 join waits out a time slice and all columns degrade). Not a test::
@@ -52,6 +53,8 @@ def _bench_layer(layer, args) -> dict:
         g = torch.randn_like(F.conv2d(x, w, stride=s, padding=p))
         fns["conv_gin_ms"] = lambda: torch.nn.grad.conv2d_input(x.shape, w, g, stride=s, padding=p)
         fns["cpu_gin_ms"] = lambda: cpu_b.grad_input(g, x, w, *geom)
+        fns["cpu_gw_ms"] = lambda: cpu_b.grad_weight(g, x, w, *geom)
+        fns["ref_gw_ms"] = lambda: ref_b.grad_weight(g, x, w, *geom)
     r.update(best_ms(fns, args.repeat))
     if not args.no_reference:  # slow: timed apart, fewer times
         r.update(best_ms({"ref_ms": lambda: ref_b.forward(x, w, *geom)}, max(1, args.repeat // 2)))
@@ -60,6 +63,7 @@ def _bench_layer(layer, args) -> dict:
     r["int8_over_conv"] = r["int8_ms"] / r["conv_ms"]
     if args.grad:
         r["cpu_gin_over_conv"] = r["cpu_gin_ms"] / r["conv_gin_ms"]
+        r["ref_gw_over_cpu"] = r["ref_gw_ms"] / r["cpu_gw_ms"]
     return r
 
 
@@ -95,7 +99,7 @@ def main(argv=None) -> dict:
 
     head = [f"layer (N={args.batch})", "conv ms", "ref ms", "cpu ms", "int8 ms", "cpu/conv", "int8/conv", "ref/cpu"]
     if args.grad:
-        head += ["conv dX ms", "cpu dX ms", "dX cpu/conv"]
+        head += ["conv dX ms", "cpu dX ms", "dX cpu/conv", "ref dW ms", "cpu dW ms", "dW ref/cpu"]
     table = [head]
     for r in rows:
         line = [
@@ -109,7 +113,8 @@ def main(argv=None) -> dict:
             fmt(r.get("ref_over_cpu"), True),
         ]
         if args.grad:
-            line += [fmt(r["conv_gin_ms"]), fmt(r["cpu_gin_ms"]), fmt(r["cpu_gin_over_conv"], True)]
+            line += [fmt(r["conv_gin_ms"]), fmt(r["cpu_gin_ms"]), fmt(r["cpu_gin_over_conv"], True),
+                     fmt(r["ref_gw_ms"]), fmt(r["cpu_gw_ms"]), fmt(r["ref_gw_over_cpu"], True)]
         table.append(line)
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     info = (

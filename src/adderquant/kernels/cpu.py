@@ -155,8 +155,9 @@ class _Cpu:
 
     def grad_weight(self, grad_out, x, weight, stride, padding, dilation):
         """``Σ G·X_unf − W·ΣG``: the first term is exactly conv2d's weight gradient, which oneDNN computes
-        without materialising the unfolded input (5–20× faster than the reference's unfold + einsum
-        on ResNet-20 shapes; float32 on the CPU, where no TF32 shortcut applies)."""
+        without materialising the unfolded input (1.2–13× faster than the reference's unfold + einsum
+        on ResNet-20 shapes, ``benchmarks/bench_cpu.py --grad``; float32 on the CPU, where no TF32
+        shortcut applies)."""
         gx = torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, stride=stride, padding=padding, dilation=dilation)
         return gx - weight * grad_out.sum((0, 2, 3)).view(-1, 1, 1, 1)
 
