@@ -102,12 +102,10 @@ def _fuse(nodes: list[dict]) -> list[dict]:
         if node["op"] == "requant":
             nxt = nodes[i] if i < len(nodes) else None
             if nxt and nxt["op"] == "add" and readers.get(node["output"]) == 1 and node["output"] in nxt["inputs"]:
-                a, b = nxt["inputs"]
-                other = b if a == node["output"] else a
-                if other != node["output"]:
-                    node.update(inputs=node["inputs"] + [other], output=nxt["output"], residual=True)
-                    i += 1
-                    nxt = nodes[i] if i < len(nodes) else None
+                other = next(n for n in nxt["inputs"] if n != node["output"])  # one reader: not add(r, r)
+                node.update(inputs=node["inputs"] + [other], output=nxt["output"], residual=True)
+                i += 1
+                nxt = nodes[i] if i < len(nodes) else None
             if nxt and nxt["op"] == "relu" and readers.get(node["output"]) == 1 and nxt["inputs"] == [node["output"]]:
                 node.update(output=nxt["output"], relu=True)
                 i += 1
