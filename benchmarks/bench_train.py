@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
         if _reset_peak() and (base := _rss_kib("VmRSS")) is not None:
             step()
             peak[name] = (_rss_kib("VmHWM") - base) / 1024
-    times = take_turns(steps, args.steps)
+    times = take_turns(steps, args.steps, warmup=False)  # the loop above warmed every variant up
 
     per_epoch = -(-EPOCH_IMAGES // args.batch)
     rows = []

@@ -8,10 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def take_turns(fns: dict[str, Callable[[], object]], repeat: int, clock=time.perf_counter) -> dict[str, list[float]]:
-    """Seconds of each call, ``repeat`` times after one warm-up call each; the functions take turns,
-    so that a load that comes and goes on a shared machine hits them alike."""
-    for fn in fns.values():
+def take_turns(fns: dict[str, Callable[[], object]], repeat: int, clock=time.perf_counter,
+               warmup: bool = True) -> dict[str, list[float]]:
+    """Seconds of each call, ``repeat`` times after one warm-up call each (``warmup=False``: the caller
+    has run them already); the functions take turns, so that a load that comes and goes on a shared
+    machine hits them alike."""
+    for fn in fns.values() if warmup else ():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):

@@ -20,17 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import int_adder_conv2d, int_quantize, int_requant
+from ..kernels.reference import check_int64_range
 from .graph import IntegerGraph
 from .runtime_numpy import load_aqz, quant_thresholds
-
-_INT64_LIMIT = 2**62
-
-
-def _check_range(v: torch.Tensor, m: int, what: str) -> None:
-    if m and v.numel():
-        lo, hi = torch.aminmax(v)
-        if max(-int(lo), int(hi)) > _INT64_LIMIT // m:
-            raise OverflowError(f"{what}: |value| {max(-int(lo), int(hi))} times multiplier {m} leaves int64")
 
 
 def div_round(z: torch.Tensor, lshift: int, divisor: int) -> torch.Tensor:
@@ -41,7 +33,7 @@ def div_round(z: torch.Tensor, lshift: int, divisor: int) -> torch.Tensor:
     estimate's error (a few units at most for |z| < 2^62), and ±1 steps bring ``r`` into [0, D).
     The NumPy runtime divides in int64 directly; the tests hold both to the same integers."""
     if lshift:
-        _check_range(z, 1 << lshift, "quantize")
+        check_int64_range(z, 1 << lshift, "quantize")
         z = z << lshift
     d = float(divisor)
     q = torch.floor(z.to(torch.float64) / d).to(torch.int64)

@@ -17,6 +17,14 @@ _CHUNK_FACTOR = 4  # temporaries stay within this many copies of the unfolded in
 INT64_LIMIT = 2**62  # |v·M| must stay below this in requantisation (headroom for the rounding add)
 
 
+def check_int64_range(v: torch.Tensor, m: int, what: str) -> None:
+    """Raise OverflowError when some ``|v|·m`` would exceed ``INT64_LIMIT`` (int64 products wrap silently)."""
+    if m and v.numel():
+        lo, hi = torch.aminmax(v)
+        if max(-int(lo), int(hi)) > INT64_LIMIT // m:
+            raise OverflowError(f"{what}: |value| {max(-int(lo), int(hi))} times multiplier {m} leaves int64")
+
+
 def _unfold(x, kernel, stride, padding, dilation):
     return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, K, P)
 
@@ -73,11 +81,7 @@ class _Reference:
 
     def requant(self, v, mult, shift, bias, residual, relu):
         """``floor((v·M + 2^(sh−1)) / 2^sh) + B`` per channel (dim 1) in int64, then ``+ residual``, ReLU."""
-        m = int(mult.abs().max()) if mult.numel() else 0
-        if m and v.numel():
-            lo, hi = torch.aminmax(v)
-            if max(-int(lo), int(hi)) > INT64_LIMIT // m:
-                raise OverflowError(f"requant: |value| {max(-int(lo), int(hi))} times multiplier {m} leaves int64")
+        check_int64_range(v, int(mult.abs().max()) if mult.numel() else 0, "requant")
         mult, shift, bias = (t.view((1, -1) + (1,) * (v.dim() - 2)) for t in (mult, shift, bias))
         y = v.to(torch.int64) * mult
         y += (torch.ones_like(shift) << shift) >> 1
