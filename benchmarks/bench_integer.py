@@ -28,10 +28,10 @@ import torch
 from common import cpu_name, take_turns
 
 from adderquant import kernels
+from adderquant.checkpoints import find_official_addernet
 from adderquant.data import CIFAR_ADDERNET_NORM, calibration_subset, load_dataset, normalize
 from adderquant.integer import IntegerEngine, NumpyRuntime, export
 from adderquant.models import create
-from adderquant.models.checkpoint import find_official_addernet
 from adderquant.quant import QuantConfig, quantize
 
 SUBSET = str(Path(os.environ.get("ADDERQUANT_DATA", "../shared/data")) / "cifar10-subset.npz")
@@ -39,7 +39,7 @@ SUBSET = str(Path(os.environ.get("ADDERQUANT_DATA", "../shared/data")) / "cifar1
 
 def _model_and_images(args):
     if args.checkpoint and Path(args.checkpoint).exists():
-        from adderquant.models.checkpoint import load
+        from adderquant.checkpoints import load
 
         ck = load(args.checkpoint)
         model, norm, source = ck.model, ck.normalization, args.checkpoint
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     model, norm, source, calib, images = _model_and_images(args)
-    q = quantize(model, calib, config=QuantConfig.paper(4, quantize_first_last=True), progress=False)
+    q = quantize(model, calib, QuantConfig.paper(4, quantize_first_last=True)).model
     with tempfile.TemporaryDirectory() as tmp:
         path = export(q, Path(tmp) / "model.aqz", name="resnet20", normalization=norm)
         engine, runtime = IntegerEngine(path), NumpyRuntime(path)

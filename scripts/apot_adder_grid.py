@@ -13,9 +13,9 @@ import argparse
 import json
 import time
 
+from adderquant import checkpoints
 from adderquant.data import calibration_subset, load_dataset, normalize
 from adderquant.evaluate import evaluate, paired
-from adderquant.models import checkpoint
 from adderquant.quant import QuantConfig, calibrate
 from adderquant.quant.ptq import quantize_adder
 
@@ -23,10 +23,13 @@ from adderquant.quant.ptq import quantize_adder
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/cifar10")
-    ap.add_argument("--checkpoint", default="../shared/checkpoints/addernet-resnet20-cifar10.pth")
+    ap.add_argument("--checkpoint", default=checkpoints.find_official_addernet(),
+                    help="default: the official AdderNet ResNet-20 (checkpoints.find_official_addernet)")
     ap.add_argument("--out", default="docs/results/apot_adder_grid.json")
     args = ap.parse_args()
-    ck = checkpoint.load(args.checkpoint)
+    if args.checkpoint is None:
+        ap.error("the official AdderNet ResNet-20 was not found: pass --checkpoint")
+    ck = checkpoints.load(args.checkpoint)
     ds = load_dataset(args.data)
     calib = normalize(calibration_subset(ds, 1024, 0), *ck.normalization)
     fp = evaluate(ck.model, ds.x_test, ds.y_test, ck.normalization, progress=False)
@@ -36,7 +39,7 @@ def main() -> None:
         for name, make in (("paper", QuantConfig.paper), ("ours", QuantConfig.ours)):
             for grid in ("uniform", "apot"):
                 start = time.perf_counter()
-                q = quantize_adder(ck.model, calib, make(bits, grid=grid), progress=False, observers=obs)
+                q = quantize_adder(ck.model, calib, make(bits, grid=grid), observers=obs).model
                 res = evaluate(q, ds.x_test, ds.y_test, ck.normalization, progress=False)
                 cmp = paired(fp, res, ds.y_test)
                 rows.append({"method": name, "bits": bits, "grid": grid, "top1": res.top1, "delta": cmp["delta"],

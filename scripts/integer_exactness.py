@@ -9,9 +9,10 @@ file, and on each evaluation set compares the predictions and logits of
 - ``int``: the integer engine (PyTorch integer ops) running the exported file,
 - ``numpy``: the torch-free NumPy runtime on the same file (``--numpy``; slower).
 
-Example (docs/results/integer_exactness.md)::
+Example (docs/results/integer_exactness.md; ``--checkpoint`` defaults to the official AdderNet ResNet-20,
+found by ``adderquant.checkpoints.find_official_addernet``)::
 
-    python scripts/integer_exactness.py --checkpoint /work/shared/checkpoints/addernet-resnet20-cifar10.pth \\
+    python scripts/integer_exactness.py \\
         --calib-data /work/shared/data/cifar10 --data /work/shared/data/cifar10-subset.npz --numpy \\
         --export /tmp/resnet20-w4.aqz --json out.json
 """
@@ -27,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adderquant.checkpoints import find_official_addernet, load
 from adderquant.data import calibration_subset, load_dataset, normalize
 from adderquant.integer import IntegerEngine, NumpyRuntime, convert, export
 from adderquant.integer.float64 import float64_reference
 from adderquant.kernels import available_backends
-from adderquant.models.checkpoint import load
-from adderquant.quant import QuantConfig, quantize
+from adderquant.quant import preset, quantize
 
 
 def _log(msg: str) -> None:
@@ -50,10 +51,12 @@ def _int_logits(run, x, batch: int) -> torch.Tensor:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--checkpoint", default=find_official_addernet(),
+                    help="default: the official AdderNet ResNet-20 (checkpoints.find_official_addernet)")
     ap.add_argument("--calib-data", required=True, help="data set whose training split gives the calibration images")
     ap.add_argument("--data", nargs="+", required=True, help="evaluation sets (their test split)")
     ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--method", default="paper", help="preset name (adderquant.quant.preset), first/last at 8 bits")
     ap.add_argument("--calib", type=int, default=1024)
     ap.add_argument("--limit", type=int, default=None, help="first N test images only")
     ap.add_argument("--batch-size", type=int, default=500)
@@ -63,24 +66,27 @@ def main(argv=None) -> int:
     ap.add_argument("--export", default="integer_model.aqz")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
+    if args.checkpoint is None:
+        ap.error("the official AdderNet ResNet-20 was not found: pass --checkpoint")
 
     torch.manual_seed(0)
     ck = load(args.checkpoint)
     norm = ck.normalization
     calib_ds = load_dataset(args.calib_data)
     calib = normalize(calibration_subset(calib_ds, args.calib, seed=0), *norm)
-    config = QuantConfig.paper(args.bits, quantize_first_last=True)
+    config = preset(args.method, args.bits, quantize_first_last=True)
     _log(f"quantizing {ck.name} ({config.method}, {args.bits}-bit, first/last 8-bit) on {args.calib} images")
-    q = quantize(ck.model, calib, config=config, progress=False)
+    result = quantize(ck.model, calib, config)
+    q = result.model
     del calib_ds, calib
-    path = export(q, args.export, name=ck.name, normalization=norm,
+    path = export(result, args.export, name=ck.name, normalization=norm,
                   meta={"checkpoint": str(args.checkpoint), "calibration": f"{args.calib} images of "
                         f"{args.calib_data}, calibration_subset seed 0"}, frac_bits=args.frac_bits[0])
     _log(f"exported {path} ({path.stat().st_size} bytes); adder backends: {available_backends()}")
     engine = IntegerEngine(path)  # from the file: what is tested is the exported artifact
     extra = {fb: IntegerEngine(convert(q, norm, frac_bits=fb)) for fb in args.frac_bits[1:]}
     q64 = float64_reference(q)
-    results = {"checkpoint": str(args.checkpoint), "export": str(path), "bits": args.bits,
+    results = {"checkpoint": str(args.checkpoint), "export": str(path), "bits": args.bits, "method": args.method,
                "frac_bits": args.frac_bits[0], "adder_backends": available_backends(), "sets": []}
     for data in args.data:
         ds = load_dataset(data)

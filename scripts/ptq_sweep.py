@@ -38,7 +38,6 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
-DEFAULT_CHECKPOINT = ROOT.parent / "shared" / "checkpoints" / "addernet-resnet20-cifar10.pth"
 DEFAULT_OUT = ROOT / "docs" / "results" / "ptq_resnet20_cifar10"
 MIN_ALPHA = 0.99
 MAIN_BITS = (8, 6, 5, 4, 3)
@@ -63,7 +62,7 @@ PAPER_TABLE5 = {"uniform": 65.72, "all": 66.61, "mean": 66.86, "max": 67.35}
 
 def row_specs(only: str) -> list[dict]:
     """Every row of the sweep: ``table``, ``label``, and the ``config`` (a QuantConfig) or ``choose``."""
-    from adderquant.energy import group_overhead_ratio
+    from adderquant.analysis.energy import group_overhead_ratio
     from adderquant.quant import QuantConfig
     from adderquant.quant.config import preset
 
@@ -137,9 +136,9 @@ def fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def group_summary(model) -> dict:
-    """How many groups got a shared range below r_x (the only case where grouping changes anything)."""
-    stats = getattr(model, "quant_stats", {})
+def group_summary(stats: dict) -> dict:
+    """How many groups got a shared range below r_x (the only case where grouping changes anything);
+    ``stats``: ``QuantResult.layers``."""
     total = below = 0
     for s in stats.values():
         for r in s["ranges"]:
@@ -205,7 +204,7 @@ def time_one_config(model, ds, x_test, y_test, normalization, args, run: int) ->
     calib = normalize(calibration_subset(ds, args.calib_size, seed=args.seed), *normalization)
     obs = calibrate(model, calib, config, progress=False)
     t1 = time.perf_counter()
-    q = quantize_adder(model, calib, config, observers=obs, progress=False)
+    q = quantize_adder(model, calib, config, observers=obs).model
     t2 = time.perf_counter()
     r = evaluate(q, x_test, y_test, normalization, batch_size=args.batch_size, progress=False)
     t3 = time.perf_counter()
@@ -217,17 +216,19 @@ def time_one_config(model, ds, x_test, y_test, normalization, args, run: int) ->
 
 def run(args) -> dict:
     import adderquant.kernels as kernels
+    from adderquant import checkpoints as ckpt_io
     from adderquant.data import calibration_subset, load_dataset, normalize
     from adderquant.evaluate import evaluate, paired
-    from adderquant.models import checkpoint as ckpt_io
-    from adderquant.quant import calibrate, choose_qssf, quantize_adder
-    from adderquant.quant.config import QuantConfig
+    from adderquant.quant import QuantConfig, calibrate, quantize_adder
 
     start = time.perf_counter()
     out_json = Path(str(args.out) + ".json")
     out_json.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    data_path, ckpt_path = Path(args.data), Path(args.checkpoint)
+    checkpoint = args.checkpoint or ckpt_io.find_official_addernet()
+    if checkpoint is None:
+        raise SystemExit("no checkpoint given and the official AdderNet ResNet-20 was not found: pass --checkpoint")
+    data_path, ckpt_path = Path(args.data), Path(checkpoint)
     ds = load_dataset(data_path)
     ck = ckpt_io.load(ckpt_path)
     model = ck.model.eval()
@@ -250,7 +251,7 @@ def run(args) -> dict:
     if not data:
         data = {"setup": setup, "runs": [], "fp": None, "rows": [], "qssf_choice": {}}
     probe = torch.zeros(1, 1, 3, 3)  # the backend that serves this run's CPU float32 adder calls
-    backend = next(b for b in kernels._BACKENDS if hasattr(b, "forward") and b.supports("forward", probe, probe)).name
+    backend = kernels.backend_name("forward", probe, probe)
     run_info = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "backend": backend,
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
                 "cpu": platform.processor() or platform.machine(), "only": args.only}
@@ -319,9 +320,10 @@ def run(args) -> dict:
         row = {k: v for k, v in spec.items() if k not in ("config", "choose")}
         if spec.get("choose") == "qssf":
             t0 = time.perf_counter()
-            best = choose_qssf(model, calib, spec["bits"], labels=calib_labels, observers=observers, progress=False)
-            winner = best.quant_config.method
-            scores = {k: 100 * v for k, v in best.qssf_calibration_scores.items()}
+            best = quantize_adder(model, calib, QuantConfig.qssf("best", spec["bits"]), labels=calib_labels,
+                                  observers=observers)
+            winner = best.config.method
+            scores = {k: 100 * v for k, v in best.calibration_scores.items()}
             data["qssf_choice"][str(spec["bits"])] = {"chosen": winner, "calibration_top1": scores,
                                                      "seconds": time.perf_counter() - t0}
             source = by_label.get(("main", f"{winner} {spec['bits']}-bit"))
@@ -341,10 +343,11 @@ def run(args) -> dict:
                            reused_from=f"{src['table']}: {src['label']}")
             else:
                 t0 = time.perf_counter()
-                q = quantize_adder(model, calib, config, observers=observers, progress=False)
+                result = quantize_adder(model, calib, config, observers=observers)
+                q = result.model
                 row["quantize_seconds"] = time.perf_counter() - t0
                 row["fingerprint"] = fp = fingerprint(q)
-                row["groups_info"] = group_summary(q)
+                row["groups_info"] = group_summary(result.layers)
                 if fp in by_fp:
                     src = by_fp[fp]
                     row.update({k: src[k] for k in ("top1", "top5", "n", "seconds", "paired", "pred_digest")},
@@ -539,7 +542,8 @@ def markdown(data: dict) -> str:
     t4 = [r for r in rows if r["table"] == "table4"]
     if t4:
         L.append("## Ablation (4 bits): number of groups (paper Table 4)\n")
-        L.append("Relative FLOPs from `adderquant.energy.group_overhead_ratio(c=32, g)` (c_in = c_out = 32, 3×3).\n")
+        L.append("Relative FLOPs from `adderquant.analysis.energy.group_overhead_ratio(c=32, g)` "
+                 "(c_in = c_out = 32, 3×3).\n")
         L.append("| g | relative FLOPs | top-1 here | changed (r→w/w→r) | note | paper (CIFAR-100 QAT) |")
         L.append("|---|---|---|---|---|---|")
         for r in t4:
@@ -641,7 +645,8 @@ def markdown(data: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="CIFAR-10 directory or .npz (default %(default)s)")
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--checkpoint", default=None,
+                   help="default: the official AdderNet ResNet-20 (adderquant.checkpoints.find_official_addernet)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N test images only")
     p.add_argument("--calib-size", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0, help="calibration subset seed")

@@ -14,8 +14,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from adderquant.checkpoints import find_official_addernet, load
 from adderquant.data import calibration_indices, load_dataset, normalize
-from adderquant.models.checkpoint import find_official_addernet, load
 from adderquant.quant import QuantAdderConv2d, quantize
 from adderquant.quant.config import preset
 
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     x, y = normalize(ds.x_train[: args.batch], *norm), ds.y_train[: args.batch]
     table = {}
     for method in args.methods:
-        model = quantize(load(args.checkpoint).model.eval(), calib, config=preset(method, args.bits), progress=False)
+        model = quantize(load(args.checkpoint).model.eval(), calib, preset(method, args.bits)).model
         table[method] = gradient_norms(model, x, y)
     print(f"gradient norms, one batch of {args.batch} training images, {args.bits}-bit, training mode")
     print("parameter | " + " | ".join(args.methods))

@@ -14,7 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from adderquant.models import checkpoint, create
+from adderquant import checkpoints
+from adderquant.analysis.apot_cost import apot_shift_add_cost, compare_resnet50, layer_macs
+from adderquant.data import CIFAR_APOT_NORM
+from adderquant.models import create
 from adderquant.quant.apot import (
     APoTQuantize,
     apot_fake_quant,
@@ -25,8 +28,6 @@ from adderquant.quant.apot import (
     tie_boundaries,
     weight_levels,
 )
-from adderquant.quant.apot_cost import apot_shift_add_cost, compare_resnet50, layer_macs
-from adderquant.quant.apot_import import CIFAR_APOT_NORM
 from adderquant.quant.apot_layers import (
     FirstLastConv2d,
     FirstLastLinear,
@@ -81,12 +82,13 @@ def test_terms_per_level():
 
 
 @pytest.mark.parametrize(("call", "match"), [
-    (lambda: levels(7), r"apot quantization supports bits 2\.\.6"),
-    (lambda: levels(1), r"bits 2\.\.6"),
-    (lambda: levels(9, "uniform"), r"uniform quantization supports bits 2\.\.8"),
-    (lambda: levels(8, signed=True), r"signed .*bits 2\.\.7"),
+    (lambda: levels(7), r"apot bits must be in 2\.\.6"),
+    (lambda: levels(1), r"bits must be in 2\.\.6"),
+    (lambda: levels(9, "uniform"), r"uniform bits must be in 2\.\.8"),
+    (lambda: levels(8, signed=True), r"signed .*bits must be in 2\.\.7"),
+    (lambda: levels(4.0), r"bits must be an integer"),
     (lambda: levels(4, "log"), "kind must be one of"),
-    (lambda: QuantConv2d(3, 3, 3, bits=7), r"APoT layers support bits 2\.\.6"),
+    (lambda: QuantConv2d(3, 3, 3, bits=7), r"APoT layer bits must be in 2\.\.6"),
 ])
 def test_unsupported_bits_and_kinds(call, match):
     with pytest.raises(ValueError, match=match):
@@ -344,11 +346,11 @@ def subset(cifar_subset):
 @pytest.mark.slow
 def test_authors_checkpoints_reach_the_published_subset_accuracy(apot_files, subset):
     x, y = subset
-    fp = checkpoint.load(apot_files["fp32"])
+    fp = checkpoints.load(apot_files["fp32"])
     assert fp.format == "apot" and fp.meta["bits"] == 32 and fp.normalization == CIFAR_APOT_NORM
     assert isinstance(fp.model.conv1, FirstLastConv2d) and type(fp.model.layer1[0].conv1) is nn.Conv2d
     assert _accuracy(fp.model, x, y, fp.normalization) == pytest.approx(94.30, abs=0.01)
-    q4 = checkpoint.load(apot_files["4bit"], bits=4)
+    q4 = checkpoints.load(apot_files["4bit"], bits=4)
     assert (q4.name, q4.kind, q4.num_classes, q4.meta["bits"]) == ("resnet20", "conv", 10, 4)
     assert isinstance(q4.model.layer3[0].downsample[0], QuantConv2d)  # the file has alphas there
     assert _accuracy(q4.model, x, y, q4.normalization) == pytest.approx(92.53, abs=0.01)
@@ -357,10 +359,10 @@ def test_authors_checkpoints_reach_the_published_subset_accuracy(apot_files, sub
 @pytest.mark.data
 def test_same_path_serves_other_bit_widths(apot_files, subset):
     x, y = subset
-    from adderquant.quant.apot_import import import_apot
+    from adderquant.checkpoints.apot import import_apot
 
     x, y = x[:96], y[:96]
-    state = checkpoint._read_torch(apot_files["4bit"], unsafe=False)
+    state = checkpoints.core._read_torch(apot_files["4bit"], unsafe=False)
     xb = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in CIFAR_APOT_NORM)
     xb = (xb - mean) / std
@@ -378,9 +380,9 @@ def test_same_path_serves_other_bit_widths(apot_files, subset):
 
 
 def test_importer_detection_and_errors(apot_files):
-    from adderquant.quant.apot_import import import_apot
+    from adderquant.checkpoints.apot import import_apot
 
-    state = checkpoint._read_torch(apot_files["4bit"], unsafe=False)
+    state = checkpoints.core._read_torch(apot_files["4bit"], unsafe=False)
     with pytest.raises(ValueError, match="--bits"):
         import_apot(state, None, {})
     with pytest.raises(ValueError, match=r"2\.\.6"):
@@ -389,19 +391,19 @@ def test_importer_detection_and_errors(apot_files):
     no_fc = {k: v for k, v in state.items() if not k.startswith("fc.")}
     with pytest.raises(ValueError, match="unsupported APoT architecture"):
         import_apot(no_fc, None, {"bits": 4})
-    fp_state = checkpoint._read_torch(apot_files["fp32"], unsafe=False)
+    fp_state = checkpoints.core._read_torch(apot_files["fp32"], unsafe=False)
     with pytest.warns(UserWarning, match="not trained"):
         ck = import_apot(fp_state, None, {"bits": 3})
     assert isinstance(ck.model.layer1[0].conv1, QuantConv2d) and ck.meta["bits"] == 3
 
 
 def test_importer_ignores_other_state_dicts():
-    from adderquant.quant.apot_import import import_apot
+    from adderquant.checkpoints.apot import import_apot
 
     adder = create("resnet20", kind="adder").state_dict()
     assert import_apot(adder, None, {}) is None
     assert import_apot({"weight": torch.zeros(2, 2)}, None, {}) is None
-    assert "apot" in [n for n, _ in checkpoint.IMPORTERS]
+    assert "apot" in [n for n, _ in checkpoints.IMPORTERS]
 
 
 # ---------------------------------------------------------------- operation counts
@@ -443,8 +445,9 @@ def test_progressive_qat_runs_on_tiny_data():
     stages = apot_progressive_qat(model, data, schedule=(32, 4, 2), epochs_per_stage=1, lr=0.01,
                                   batch_size=16, calib_images=16)
     assert set(stages) == {32, 4, 2}
-    assert isinstance(stages[32][0], FirstLastConv2d) and type(stages[32][2]) is nn.Conv2d
-    assert stages[4][2].bits == 4 and stages[2][2].bits == 2
-    assert stages[4][2] is not stages[2][2]
-    assert all(0 <= s.apot_accuracy <= 100 for s in stages.values())
+    m32, m4, m2 = (stages[b].model for b in (32, 4, 2))
+    assert isinstance(m32[0], FirstLastConv2d) and type(m32[2]) is nn.Conv2d
+    assert m4[2].bits == 4 and m2[2].bits == 2
+    assert m4[2] is not m2[2]
+    assert all(0 <= s.top1 <= 100 for s in stages.values())
     assert type(model[0]) is nn.Conv2d  # original untouched

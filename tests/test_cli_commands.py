@@ -97,3 +97,48 @@ def test_report_ranges_writes_plots(official_addernet, cifar_subset, capsys, tmp
     assert stats["r_x"] > 0 and len(stats["w_max"] if "w_max" in stats else stats["group_weight_max"]) > 0
     names = {p.name for p in tmp_path.iterdir()}
     assert {"ranges.json", "ranges.txt", "ranges_layer1_1_conv2.png", "distributions_layer1_1_conv2.png"} <= names
+
+
+def test_quantize_export_needs_no_other_flag(official_addernet, cifar_subset, capsys, tmp_path):
+    """An export implies 8-bit first/last layers; the file runs on the integer engine with the same top-1."""
+    path = tmp_path / "m.aqz"
+    rc = main(["quantize", "--checkpoint", str(official_addernet), "--data", str(cifar_subset), "--limit", "40",
+               "--calib-size", "32", "--export", str(path), "--json"])
+    out = _last_json(capsys)
+    assert rc == 0 and path.exists() and out["config"]["quantize_first_last"] is True
+    assert main(["eval", "--checkpoint", str(path), "--data", str(cifar_subset), "--limit", "40", "--json"]) == 0
+    assert _last_json(capsys)["top1"] == out["top1"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--bits", "9", "--export", "{tmp}/m.aqz"], "≤ 8 bits"),
+    (["--export", "{tmp}"], "is a directory"),
+    (["--export", "{tmp}/missing/m.aqz"], "does not exist"),
+    (["--bits", "1"], "bits must be in 2..16"),
+    (["--method", "qssf", "--groups", "2"], "QSSF .* takes no groups"),
+    (["--qat-epochs", "1", "--qat-limit-train", "0"], "qat-limit-train"),
+    (["--qat-epochs", "1", "--qat-lr", "nan"], "lr must be a finite number"),
+])
+def test_quantize_refuses_bad_flags_before_any_work(extra, message, capsys, tmp_path, monkeypatch):
+    """These fail while building the configs: no checkpoint or data set is even read."""
+    import re
+
+    monkeypatch.setattr("adderquant.cli._data", lambda args: pytest.fail("data was loaded before the check"))
+    argv = ["quantize", "--checkpoint", str(tmp_path / "never-read.pth")] + [a.format(tmp=tmp_path) for a in extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_eval_refuses_flags_that_do_not_apply(official_addernet, cifar_subset, capsys, tmp_path):
+    assert main(["eval", "--checkpoint", str(official_addernet), "--data", str(cifar_subset), "--bits", "4"]) == 2
+    assert "APoT" in capsys.readouterr().err
+    fake = tmp_path / "m.aqz"
+    fake.write_bytes(b"x")
+    assert main(["eval", "--checkpoint", str(fake), "--data", str(cifar_subset), "--model", "resnet20"]) == 2
+    assert "--model does not apply" in capsys.readouterr().err
+
+
+def test_models_lists_both_kinds(capsys):
+    assert main(["models", "--kind", "conv", "--json"]) == 0
+    assert all(r["kinds"] == ["conv"] for r in _last_json(capsys)["models"])

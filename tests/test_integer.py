@@ -311,7 +311,7 @@ def test_tiny_resnet_integer_equals_float64_fake_quant_and_numpy(images, head, v
     model = _bn_calibrated(CifarResNet(8, head=head), images)
     extra = {"unsigned_activations": True, "lossless_act_clamp": True} if variant != "paper" else {}
     config = QuantConfig.paper(4, quantize_first_last=True, **extra)
-    q = quantize(model, normalize(images, *NORM), config=config, progress=False)
+    q = quantize(model, normalize(images, *NORM), config).model
     g, _ = _check_model(q, images, numpy_images=3)
     counts = g.op_counts()
     assert counts["adder"] == 3 * 2 + 2 and counts["lut"] == 1 and counts["add"] == 3
@@ -324,15 +324,14 @@ def test_qssf_and_8bit_models(images):
     for config in (QuantConfig.qssf("weights", 4, quantize_first_last=True),
                    QuantConfig.paper(8, quantize_first_last=True),
                    QuantConfig.paper(8, quantize_first_last=True, unsigned_activations=True, lossless_act_clamp=True)):
-        q = quantize(model, normalize(images, *NORM), config=config, progress=False)
+        q = quantize(model, normalize(images, *NORM), config).model
         _check_model(q, images[:2])
 
 
 def test_vgg_small_max_pool_on_accumulators(images):
     torch.manual_seed(2)
     model = _bn_calibrated(create("vgg_small"), images[:4])
-    q = quantize(model, normalize(images[:4], *NORM), config=QuantConfig.paper(4, quantize_first_last=True),
-                 progress=False)
+    q = quantize(model, normalize(images[:4], *NORM), QuantConfig.paper(4, quantize_first_last=True)).model
     g, _ = _check_model(q, images[:2], numpy_images=1)
     assert g.op_counts()["maxpool"] == 3
     # the max-pools follow adder layers directly: they run on the accumulators, before any requant
@@ -345,8 +344,7 @@ def test_vgg_small_max_pool_on_accumulators(images):
 def test_cifar_resnets_convert(images, name, head):
     torch.manual_seed(3)
     model = _bn_calibrated(create(name, head=head), images[:2])
-    q = quantize(model, normalize(images[:2], *NORM), config=QuantConfig.paper(4, quantize_first_last=True),
-                 progress=False)
+    q = quantize(model, normalize(images[:2], *NORM), QuantConfig.paper(4, quantize_first_last=True)).model
     if name == "resnet20":  # the deeper ones have the same blocks, only more of them
         g, _ = _check_model(q, images[:1], numpy_images=0)
     else:
@@ -360,7 +358,7 @@ def test_cifar_resnets_convert(images, name, head):
 
 def test_unquantized_first_layer_is_rejected(images):
     model = _bn_calibrated(CifarResNet(8), images[:4])
-    q = quantize(model, normalize(images[:4], *NORM), config=QuantConfig.paper(4), progress=False)
+    q = quantize(model, normalize(images[:4], *NORM), QuantConfig.paper(4)).model
     with pytest.raises(NotImplementedError, match="quantize_first_last"):
         convert(q, NORM)
 
@@ -372,9 +370,9 @@ def test_unquantized_first_layer_is_rejected(images):
 def exported(tmp_path_factory, images):
     torch.manual_seed(4)
     model = _bn_calibrated(CifarResNet(8), images)
-    q = quantize(model, normalize(images, *NORM), config=QuantConfig.paper(4, quantize_first_last=True),
-                 progress=False)
-    path = export(q, tmp_path_factory.mktemp("aqz") / "tiny.aqz", name="resnet8", normalization=NORM,
+    result = quantize(model, normalize(images, *NORM), QuantConfig.paper(4, quantize_first_last=True))
+    q = result.model
+    path = export(result, tmp_path_factory.mktemp("aqz") / "tiny.aqz", name="resnet8", normalization=NORM,
                   meta={"note": "test"})
     return path, q
 
@@ -469,12 +467,12 @@ print("ok")
 @pytest.mark.data
 @pytest.mark.slow
 def test_official_resnet20_w4_integer_exactness(official_addernet, cifar_subset):
-    from adderquant.models.checkpoint import load
+    from adderquant.checkpoints import load
 
     ck = load(official_addernet)
     ds = load_dataset(cifar_subset)
     calib = normalize(calibration_subset(ds, 256, seed=0), *ck.normalization)
-    q = quantize(ck.model, calib, config=QuantConfig.paper(4, quantize_first_last=True), progress=False)
+    q = quantize(ck.model, calib, QuantConfig.paper(4, quantize_first_last=True)).model
     x, y = ds.x_test[:200], ds.y_test[:200]
     g = convert(q, ck.normalization)
     logits = IntegerEngine(g)(x)

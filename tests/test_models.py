@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from adderquant import models
-from adderquant.models import checkpoint
+from adderquant import checkpoints, models
 from adderquant.nn import AdderConv2d
 
 
@@ -43,7 +42,7 @@ def test_registry_errors():
 
 
 def test_official_checkpoint_is_detected_and_mapped(official_addernet):
-    ck = checkpoint.load(official_addernet)
+    ck = checkpoints.load(official_addernet)
     assert (ck.name, ck.kind, ck.num_classes, ck.format) == ("resnet20", "adder", 10, "addernet-official")
     raw = torch.load(official_addernet, map_location="cpu", weights_only=True)
     assert torch.equal(ck.model.layer2[0].downsample[0].weight,
@@ -57,7 +56,7 @@ def test_official_format_is_recognised_on_synthetic_state(tmp_path):
                           or k.endswith("downsample.0.weight") else k): v for k, v in model.state_dict().items()}
     path = tmp_path / "official.pth"
     torch.save(state, path)
-    ck = checkpoint.load(path)
+    ck = checkpoints.load(path)
     for k, v in model.state_dict().items():
         assert torch.equal(ck.model.state_dict()[k], v)
 
@@ -70,7 +69,7 @@ def test_mismatch_names_missing_and_unexpected_keys(tmp_path):
     path = tmp_path / "bad.pth"
     torch.save(state, path)
     with pytest.raises(ValueError) as err:
-        checkpoint.load(path)
+        checkpoints.load(path)
     assert "layer3.2.bn2.running_var" in str(err.value) and "extra.weight" in str(err.value)
 
 
@@ -78,19 +77,19 @@ def test_untrusted_pickles_need_opt_in(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": models.create("resnet20").state_dict(), "note": ValueError("a pickled object")}, path)
     with pytest.raises(ValueError, match="unsafe"):
-        checkpoint.load(path, "resnet20", kind="adder")
-    assert checkpoint.load(path, "resnet20", kind="adder", unsafe=True).format == "state_dict"
+        checkpoints.load(path, "resnet20", kind="adder")
+    assert checkpoints.load(path, "resnet20", kind="adder", unsafe=True).format == "state_dict"
 
 
 def test_save_load_round_trip_with_metadata(tmp_path):
     model = models.create("resnet20", kind="conv", head="linear")
     norm = ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
-    path = checkpoint.save(model, tmp_path / "run" / "model", name="resnet20", kind="conv", num_classes=10,
+    path = checkpoints.save(model, tmp_path / "run" / "model", name="resnet20", kind="conv", num_classes=10,
                            normalization=norm, accuracy=12.5, train_args={"epochs": 1})
     assert path.name == "model.safetensors" and (tmp_path / "run" / "model.json").exists()
     info = json.loads((tmp_path / "run" / "model.json").read_text())
     assert info["accuracy"] == 12.5 and info["head"] == "linear"
-    ck = checkpoint.load(path)
+    ck = checkpoints.load(path)
     assert ck.normalization == norm and ck.meta["train_args"] == {"epochs": 1}
     for k, v in model.state_dict().items():
         assert torch.equal(ck.model.state_dict()[k], v)
@@ -99,15 +98,15 @@ def test_save_load_round_trip_with_metadata(tmp_path):
 def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
     model = models.create("resnet20")
     target = tmp_path / "m"
-    checkpoint.save(model, target, name="resnet20", kind="adder", num_classes=10, normalization=((0,), (1,)))
+    checkpoints.save(model, target, name="resnet20", kind="adder", num_classes=10, normalization=((0,), (1,)))
     before = (tmp_path / "m.safetensors").read_bytes()
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", boom)
+    monkeypatch.setattr(checkpoints.core, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.save(model, target, name="resnet20", kind="adder", num_classes=10, normalization=((0,), (1,)))
+        checkpoints.save(model, target, name="resnet20", kind="adder", num_classes=10, normalization=((0,), (1,)))
     assert (tmp_path / "m.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["m.json", "m.safetensors"]
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from adderquant.nn import AdderConv2d
 from adderquant.nn.functional import adder_conv2d
-from adderquant.quant import QATConfig, QuantAdderConv2d, QuantConfig, calibrate, qat, quantize
+from adderquant.quant import QATConfig, QuantAdderConv2d, QuantConfig, calibrate, preset, qat, quantize
 from adderquant.quant.adder_layer import window_sum
 from adderquant.quant.grouping import clustering_cost, group_channels, optimal_1d_clusters
 from adderquant.quant.observers import AbsRangeObserver, percentile_index
@@ -177,7 +177,7 @@ def test_quantize_leaves_original_untouched_and_high_bits_match_fp():
     model = _tiny_adder_net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calib = torch.randn(16, 3, 8, 8)
-    q = quantize(model, calib, bits=16, config=QuantConfig.paper(act_clamp=False), progress=False)
+    q = quantize(model, calib, QuantConfig.paper(16, act_clamp=False)).model
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert sum(isinstance(m, QuantAdderConv2d) for m in q.modules()) == 2
     x = torch.randn(4, 3, 8, 8)
@@ -188,10 +188,10 @@ def test_quantize_leaves_original_untouched_and_high_bits_match_fp():
 def test_qssf_picks_the_better_variant_and_records_scores():
     model = _tiny_adder_net()
     calib = torch.randn(32, 3, 8, 8)
-    q = quantize(model, calib, bits=4, method="qssf", progress=False)
-    scores = q.qssf_calibration_scores
+    result = quantize(model, calib, QuantConfig.qssf("best", 4))
+    scores = result.calibration_scores
     assert set(scores) == {"qssf-w", "qssf-a"}
-    assert scores[q.quant_config.method] == max(scores.values())
+    assert scores[result.config.method] == max(scores.values())
 
 
 def test_one_calibration_serves_many_configs():
@@ -200,9 +200,9 @@ def test_one_calibration_serves_many_configs():
     obs = calibrate(model, calib, QuantConfig.paper(4), progress=False, min_alpha=0.99)
     for alpha in (0.99, 0.999, 1.0):
         cfg = QuantConfig.paper(4, alpha=alpha)
-        a = quantize(model, calib, config=cfg, progress=False)
-        b = quantize_adder(model, calib, cfg, progress=False, observers=obs)
-        assert a.quant_stats["2"]["r_x"] == pytest.approx(b.quant_stats["2"]["r_x"])
+        a = quantize(model, calib, cfg)
+        b = quantize_adder(model, calib, cfg, observers=obs)
+        assert a.layers["2"]["r_x"] == pytest.approx(b.layers["2"]["r_x"])
 
 
 def test_qat_steps_reduce_loss_with_ste():
@@ -214,7 +214,7 @@ def test_qat_steps_reduce_loss_with_ste():
     ds = Dataset("toy", x, y, x[:32], y[:32], ["0", "1", "2", "3"], "memory")
     model = _tiny_adder_net()
     norm = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    q = quantize(model, (x.float() / 255 - 0.5) / 0.25, bits=4, progress=False)
+    q = quantize(model, (x.float() / 255 - 0.5) / 0.25).model
     w0 = [m.weight.detach().clone() for m in q.modules() if isinstance(m, QuantAdderConv2d)]
     log = qat(q, ds, norm, QATConfig(epochs=3, lr=0.05, batch_size=16), progress=False)
     assert len(log) == 3 and log[-1]["train_loss"] < log[0]["train_loss"]
@@ -232,7 +232,7 @@ def test_qat_gradient_cap_bounds_every_step():
     ds = Dataset("toy", x, y, x[:16], y[:16], ["0", "1", "2", "3"], "memory")
     norm = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     for cap, bounded in ((1e-3, True), (None, False)):
-        q = quantize(_tiny_adder_net(), (x.float() / 255 - 0.5) / 0.25, bits=4, progress=False)
+        q = quantize(_tiny_adder_net(), (x.float() / 255 - 0.5) / 0.25).model
         before = torch.cat([p.detach().flatten().clone() for p in q.parameters()])
         qat(q, ds, norm, QATConfig(epochs=1, lr=0.5, momentum=0.0, weight_decay=0.0, batch_size=32, max_steps=1,
                                    clip_grad_norm=cap), progress=False)
@@ -248,7 +248,13 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="group_feature"):
         QuantConfig(group_feature="median")
     with pytest.raises(ValueError, match="method"):
-        quantize(_tiny_adder_net(), torch.randn(2, 3, 8, 8), method="nonsense", progress=False)
+        preset("nonsense", 4)
+    with pytest.raises(ValueError, match="bits"):
+        QuantConfig(bits=4.5)
+    with pytest.raises(ValueError, match="QSSF .* takes no groups"):
+        preset("qssf", 4, groups=2)
+    with pytest.raises(TypeError, match="QuantConfig"):
+        quantize(_tiny_adder_net(), torch.randn(2, 3, 8, 8), "paper")
 
 
 @settings(max_examples=30, deadline=None)
@@ -274,7 +280,7 @@ def test_unsigned_grid_applies_only_to_nonnegative_layers():
     model = _tiny_adder_net()
     model[2] = AdderConv2d(3, 8, 3, padding=1)  # fed by the raw (signed) input
     model = torch.nn.Sequential(*list(model.children())[2:]).eval()
-    q = quantize(model, torch.randn(16, 3, 8, 8), config=QuantConfig.ours(4), progress=False)
+    q = quantize(model, torch.randn(16, 3, 8, 8), QuantConfig.ours(4)).model
     layers = [m for m in q.modules() if isinstance(m, QuantAdderConv2d)]
     assert [m.signed for m in layers] == [True, False]
     assert layers[1].int_bounds() == (0, 15)
@@ -295,3 +301,12 @@ def test_apot_grid_projects_both_operands_onto_scaled_levels():
     assert set(project(w, lv).unique().tolist()) <= set(lv.tolist())
     with pytest.raises(ValueError, match="APoT"):
         QuantConfig.paper(8, grid="apot")
+
+
+def test_quantize_refuses_models_it_would_return_unchanged():
+    with pytest.raises(ValueError, match="no adder layers"):
+        quantize(torch.nn.Identity(), torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="no adder layers"):
+        quantize(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="groups=1000"):
+        quantize(_tiny_adder_net(), torch.randn(2, 3, 8, 8), QuantConfig.paper(4, groups=1000))

@@ -1,4 +1,4 @@
-"""Range statistics and the Figure 2/4 plots (adderquant.quant.report)."""
+"""Range statistics and the Figure 2/4 plots (adderquant.analysis.ranges)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from adderquant.analysis.ranges import format_table, plot_distributions, plot_ranges, range_statistics, report_ranges
 from adderquant.nn import AdderConv2d
 from adderquant.quant import QuantConfig
 from adderquant.quant.grouping import group_channels
-from adderquant.quant.report import format_table, plot_distributions, plot_ranges, range_statistics, report_ranges
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

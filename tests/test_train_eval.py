@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from adderquant import checkpoints
 from adderquant.data import CIFAR_ADDERNET_NORM, Dataset, load_dataset, normalize
 from adderquant.evaluate import EvalResult, evaluate, paired
-from adderquant.models import checkpoint, create
+from adderquant.models import create
 from adderquant.train import TrainConfig, seed_everything, train
 
 
@@ -156,7 +157,7 @@ def test_short_real_training_run(cifar_subset, tmp_path):
         assert {"epoch", "lr", "train_loss", "train_acc", "test_top1", "seconds", "images_per_s"} <= set(r)
         assert math.isfinite(r["train_loss"]) and r["images_per_s"] > 0 and 0 <= r["test_top1"] <= 100
 
-    ckpt = checkpoint.load(tmp_path / "checkpoint.safetensors")
+    ckpt = checkpoints.load(tmp_path / "checkpoint.safetensors")
     assert (ckpt.name, ckpt.kind, ckpt.num_classes, ckpt.format) == ("resnet20", "adder", 10, "adderquant")
     assert ckpt.meta["epoch"] == 3
     assert ckpt.normalization == CIFAR_ADDERNET_NORM

@@ -2,16 +2,41 @@
 
     import adderquant
     ck = adderquant.load_checkpoint("addernet-resnet20-cifar10.pth")
-    qmodel = adderquant.quantize(ck.model, calib_images, bits=4)
+    result = adderquant.quantize(ck.model, calib_images, adderquant.QuantConfig.ours(4))
+    result.model  # the fake-quantized copy
+
+The names below load on first use, so ``import adderquant.kernels`` (or ``.nn``, ``.models``,
+``.data``) does not pull in the quantization, checkpoint or workflow layers above it.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from . import kernels, models, nn, quant  # noqa: E402
-from .models import create as create_model  # noqa: E402
-from .models.checkpoint import load as load_checkpoint  # noqa: E402
-from .models.checkpoint import save as save_checkpoint  # noqa: E402
-from .quant import QuantConfig, quantize  # noqa: E402
+_LAZY = {
+    "quantize": ("quant", "quantize"),
+    "QuantConfig": ("quant", "QuantConfig"),
+    "QuantResult": ("quant", "QuantResult"),
+    "create_model": ("models", "create"),
+    "load_checkpoint": ("checkpoints", "load"),
+    "save_checkpoint": ("checkpoints", "save"),
+}
+_SUBPACKAGES = ("analysis", "checkpoints", "data", "integer", "kernels", "models", "nn", "quant")
 
-__all__ = ["QuantConfig", "__version__", "create_model", "kernels", "load_checkpoint", "models", "nn", "quant",
-           "quantize", "save_checkpoint"]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'adderquant' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+__all__ = ["QuantConfig", "QuantResult", "__version__", "create_model", "load_checkpoint", "quantize",
+           "save_checkpoint", *_SUBPACKAGES]

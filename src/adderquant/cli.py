@@ -6,8 +6,8 @@ a command, write its pair and append one entry. Keep the work in the library: a 
 only turns arguments into API calls and results into output.
 
 Conventions: ``--json`` makes the LAST stdout line one JSON object (progress bars go to stderr);
-``ValueError`` / ``FileNotFoundError`` raised by the API become a one-line ``adderquant <cmd>:
-error: ...`` on stderr and exit code 2.
+the exception types the library raises for bad input (:data:`USER_ERRORS`) become a one-line
+``adderquant <cmd>: error: ...`` on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import os
 import sys
 from collections.abc import Callable
 
-from .models.checkpoint import CHECKPOINTS_ENV, find_official_addernet
-
-DATA_ENV = "ADDERQUANT_DATA"
+from .checkpoints import find_official_addernet
+from .quant.config import METHODS
+from .utils import CHECKPOINTS_ENV, DATA_ENV
 
 
 def _jsonable(obj):
@@ -59,9 +59,9 @@ def _data(args):
 
 
 def _device(args) -> str:
-    import torch
+    from .utils import default_device
 
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return str(default_device(args.device))
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -138,15 +138,23 @@ def _add_eval(sub) -> argparse.ArgumentParser:
 
 
 def _run_eval(args) -> int:
+    from . import checkpoints
     from .evaluate import evaluate
-    from .models import checkpoint
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
     if args.checkpoint.endswith(".aqz"):
+        ignored = [flag for flag, given in (("--model", args.model), ("--kind", args.kind), ("--bits", args.bits),
+                                             ("--unsafe-load", args.unsafe_load)) if given]
+        if ignored:
+            raise ValueError(f"{args.checkpoint} is an integer model that carries its own graph: "
+                             f"{', '.join(ignored)} does not apply to it")
         return _eval_aqz(args)
     options = {"bits": args.bits} if args.bits is not None else {}
-    ckpt = checkpoint.load(args.checkpoint, args.model, kind=args.kind, unsafe=args.unsafe_load, **options)
+    ckpt = checkpoints.load(args.checkpoint, args.model, kind=args.kind, unsafe=args.unsafe_load, **options)
+    if args.bits is not None and ckpt.format != "apot":
+        raise ValueError(f"--bits is the bit width of an APoT checkpoint; {args.checkpoint} is a {ckpt.format} "
+                         "checkpoint (quantize it with `adderquant quantize --bits`)")
     dataset = _data(args)
     if args.model is not None and ckpt.name != args.model:
         raise ValueError(f"{args.checkpoint} holds a {ckpt.name}, not a {args.model}")
@@ -190,6 +198,8 @@ def _eval_aqz(args) -> int:
 
 def _add_models(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered models")
+    p.add_argument("--kind", default=None, choices=("adder", "conv"),
+                   help="every registered model exists in both kinds (conv: the CNN twin with identical shapes)")
     p.add_argument("--json", action="store_true", help="print the list as one JSON line")
     return p
 
@@ -197,10 +207,11 @@ def _add_models(sub) -> argparse.ArgumentParser:
 def _run_models(args) -> int:
     from . import models
 
+    kinds = [args.kind] if args.kind else ["adder", "conv"]
     rows = [{"name": n, "dataset": models.REGISTRY[n].dataset, "num_classes": models.REGISTRY[n].num_classes,
-             "input_size": models.input_size(n)} for n in models.names()]
+             "input_size": models.input_size(n), "kinds": kinds} for n in models.names()]
     human = "\n".join(f"{r['name']:<12} {r['dataset']:<9} {r['num_classes']:>5} classes  "
-                      f"{r['input_size']}×{r['input_size']}" for r in rows)
+                      f"{r['input_size']}×{r['input_size']}  {' '.join(r['kinds'])}" for r in rows)
     _emit(args, {"models": rows}, human)
     return 0
 
@@ -210,26 +221,31 @@ def _run_models(args) -> int:
 def _add_quantize(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="post-training quantization (optionally QAT) of an AdderNet",
                        description="Quantize with the paper's method (group-shared scales, lossless weight clamp, "
-                                   "outlier clamp), 'ours' (+ lossless activation clamp) or the QSSF baselines; "
-                                   "evaluate paired with full precision.")
+                                   "outlier clamp), 'ours' (the paper's method on the unsigned grid for post-ReLU "
+                                   "inputs), 'authors' (their published code) or the QSSF baselines; evaluate "
+                                   "paired with full precision.")
     p.add_argument("--model", default="resnet20")
     p.add_argument("--checkpoint", default=None,
                    help=f"checkpoint (default: the official AdderNet ResNet-20 under ${CHECKPOINTS_ENV} "
                         "or ../shared/checkpoints)")
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--method", default="paper", choices=("paper", "ours", "qssf", "qssf-w", "qssf-a"))
+    p.add_argument("--method", default="paper", choices=METHODS)
     p.add_argument("--groups", type=int, default=None, help="groups of output channels (default 4)")
     p.add_argument("--alpha", type=float, default=None, help="outlier percentile α (default 0.999)")
     p.add_argument("--calib-size", type=int, default=1024, help="calibration images from the training split")
+    p.add_argument("--bn-recalibration", type=int, default=None, metavar="N",
+                   help="re-estimate BatchNorm statistics on N augmented calibration batches after quantizing "
+                        "(default: 0 = off; 200 for --method authors)")
     p.add_argument("--seed", type=int, default=0, help="seed choosing the calibration images")
-    p.add_argument("--quantize-first-last", action="store_true", help="first and last layers at 8 bits")
+    p.add_argument("--quantize-first-last", action="store_true",
+                   help="first and last layers at 8 bits (implied by --export)")
     p.add_argument("--qat-epochs", type=int, default=0, help="quantization-aware training epochs (paper: 50)")
     p.add_argument("--qat-lr", type=float, default=1e-4)
     p.add_argument("--qat-limit-train", type=int, default=None, help="QAT on the first N training images")
     p.add_argument("--qat-clip-grad-norm", type=float, default=None,
                    help="cap the total gradient norm in QAT (not in the paper; 'ours' diverges without it)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N test images")
-    p.add_argument("--export", default=None, help="write the integer model to FILE.aqz")
+    p.add_argument("--export", default=None, help="write the integer model to FILE.aqz (first/last layers at 8 bits)")
     p.add_argument("--save", default=None, help="append the JSON result to this JSON-lines file")
     _add_common(p)
     return p
@@ -242,32 +258,76 @@ def _checkpoint_or_default(args) -> str:
     return path
 
 
-def _run_quantize(args) -> int:
-    from .models import checkpoint
-    from .quant.workflow import ptq_run
+def _quantize_run(args):
+    """The run's configs from the flags, every check done before any work."""
+    from .quant import preset
+    from .quant.qat import QATConfig
+    from .workflows import PTQRun
 
+    overrides = {k: v for k, v in {"groups": args.groups, "alpha": args.alpha,
+                                   "bn_recalibration": args.bn_recalibration}.items() if v is not None}
+    if args.quantize_first_last or args.export:
+        overrides["quantize_first_last"] = True
+    config = preset(args.method, args.bits, **overrides)
+    if args.export and config.bits > 8:
+        raise ValueError(f"--export: the integer path takes adder layers of ≤ 8 bits, got --bits {config.bits}")
+    if args.qat_epochs < 0:
+        raise ValueError(f"--qat-epochs must be ≥ 0, got {args.qat_epochs}")
+    if args.qat_limit_train is not None and args.qat_limit_train < 2:
+        raise ValueError(f"--qat-limit-train must be ≥ 2 images, got {args.qat_limit_train}")
+    qat = None
+    if args.qat_epochs:
+        qat = QATConfig(epochs=args.qat_epochs, lr=args.qat_lr, limit_train=args.qat_limit_train,
+                        eval_limit=args.limit, clip_grad_norm=args.qat_clip_grad_norm)
+    for path in (args.export, args.save):
+        _check_writable(path)
+    return PTQRun(quant=config, calib_size=args.calib_size, seed=args.seed, limit=args.limit, qat=qat,
+                  device=args.device)
+
+
+def _check_writable(path: str | None) -> None:
+    """Refuse an output path that cannot be written, before the work whose result it would hold."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{path} is a directory, not a file to write")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise PermissionError(f"cannot write {path}: permission denied")
+
+
+def _run_quantize(args) -> int:
+    from .checkpoints import load
+    from .workflows import ptq_run
+
+    run = _quantize_run(args)
     path = _checkpoint_or_default(args)
-    ckpt = checkpoint.load(path, args.model)
+    ckpt = load(path, args.model)
     dataset = _data(args)
-    qmodel, summary = ptq_run(
-        ckpt, dataset, bits=args.bits, method=args.method, groups=args.groups, alpha=args.alpha,
-        calib_size=args.calib_size, seed=args.seed, quantize_first_last=args.quantize_first_last,
-        qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, qat_limit_train=args.qat_limit_train,
-        qat_clip_grad_norm=args.qat_clip_grad_norm, limit=args.limit,
-        device=args.device, progress=not args.json)
-    summary.update({"checkpoint": path, "data": args.data, "dataset": dataset.name})
+    report = ptq_run(ckpt, dataset, run, progress=not args.json)
+    summary = {**report.summary, "checkpoint": path, "data": args.data, "dataset": dataset.name}
+    human = (f"{summary['model']} {summary['method']} {summary['bits']}-bit on {dataset.name} test "
+             f"({summary['n']} images): top-1 {summary['top1']:.2f} % (FP {summary['fp_top1']:.2f} %, "
+             f"{summary['delta']:+.2f}; {summary['changed']} predictions changed) in {summary['seconds']:.1f} s")
+    if not args.json:  # the result is on screen before any file is written
+        print(human, flush=True)
     if args.export:
         from .integer import export
 
-        summary["export"] = str(export(qmodel, args.export, name=ckpt.name, normalization=ckpt.normalization,
+        summary["export"] = str(export(report.quant, args.export, name=ckpt.name, normalization=ckpt.normalization,
                                        meta={k: summary[k] for k in ("method", "bits", "top1", "n")}))
+        if not args.json:
+            print(f"wrote {summary['export']}", flush=True)
     if args.save:
         with open(args.save, "a") as fh:
             fh.write(json.dumps(summary, default=str) + "\n")
-    human = (f"{summary['model']} {summary['method']} {args.bits}-bit on {dataset.name} test ({summary['n']} images): "
-             f"top-1 {summary['top1']:.2f} % (FP {summary['fp_top1']:.2f} %, {summary['delta']:+.2f}; "
-             f"{summary['changed']} predictions changed) in {summary['seconds']:.1f} s")
-    _emit(args, summary, human)
+    if args.json:
+        _emit(args, summary, human)
     return 0
 
 
@@ -290,10 +350,10 @@ def _add_energy(sub) -> argparse.ArgumentParser:
 
 
 def _run_energy(args) -> int:
-    from .energy import energy_command
+    from .analysis.energy_report import energy_command
 
     acc_bits = args.acc_bits if args.acc_bits == "auto" else int(args.acc_bits)
-    text, data = energy_command(args.model, args.bits, json_out=False, plot_path=args.plot,
+    text, data = energy_command(args.model, args.bits, plot_path=args.plot,
                                 accuracies_json=args.accuracies, groups=args.groups,
                                 first_last_bits=args.first_last_bits, acc_bits=acc_bits, energy_table=args.table)
     _emit(args, data, text)
@@ -323,10 +383,10 @@ def _add_apot_qat(sub) -> argparse.ArgumentParser:
 def _run_apot_qat(args) -> int:
     from dataclasses import replace
 
-    from .models import checkpoint
+    from . import checkpoints
     from .quant.apot_qat import apot_progressive_qat
 
-    ckpt = checkpoint.load(args.checkpoint, args.model, kind="conv")
+    ckpt = checkpoints.load(args.checkpoint, args.model, kind="conv")
     dataset = _data(args)
     if args.limit_train:
         dataset = replace(dataset, x_train=dataset.x_train[: args.limit_train],
@@ -336,12 +396,11 @@ def _run_apot_qat(args) -> int:
                                   epochs_per_stage=args.epochs_per_stage, lr=args.lr, norm=ckpt.normalization,
                                   log=log, batch_size=args.batch_size, max_steps=args.max_steps)
     rows = []
-    for bits, model in stages.items():
-        path = checkpoint.save(model, f"{args.out}/apot-{bits}bit", name=ckpt.name, kind="conv",
+    for bits, stage in stages.items():
+        path = checkpoints.save(stage.model, f"{args.out}/apot-{bits}bit", name=ckpt.name, kind="conv",
                                num_classes=ckpt.num_classes, normalization=ckpt.normalization,
-                               apot_bits=None if bits == 32 else bits, accuracy=getattr(model, "apot_accuracy", None),
-                               source=args.checkpoint)
-        rows.append({"bits": bits, "top1": getattr(model, "apot_accuracy", None), "checkpoint": str(path)})
+                               apot_bits=None if bits == 32 else bits, accuracy=stage.top1, source=args.checkpoint)
+        rows.append({"bits": bits, "top1": stage.top1, "checkpoint": str(path)})
     human = "\n".join(f"{r['bits']:>2} bits: top-1 {r['top1']:.2f} %  → {r['checkpoint']}" for r in rows)
     _emit(args, {"stages": rows, "data": args.data, "dataset": dataset.name}, human)
     return 0
@@ -358,16 +417,17 @@ def _add_report(sub) -> argparse.ArgumentParser:
     p.add_argument("--calib-size", type=int, default=1024)
     p.add_argument("--alpha", type=float, default=0.999)
     p.add_argument("--out", default="runs/report", help="directory for ranges.json/.txt and the PNGs")
+    p.add_argument("--prefix", default="", help="prefix of the file names written into --out")
     _add_common(p)
     return p
 
 
 def _run_report(args) -> int:
-    from .quant.report import report_ranges
+    from .analysis.ranges import report_ranges
 
     path = _checkpoint_or_default(args)
     result = report_ranges(path, _data(args), args.out, layer=args.layer, calib_size=args.calib_size,
-                           alpha=args.alpha, progress=not args.json)
+                           alpha=args.alpha, progress=not args.json, prefix=args.prefix)
     result["data"] = args.data
     _emit(args, result, f"wrote the range report for {path} into {args.out}")
     return 0
@@ -385,6 +445,10 @@ COMMANDS: list[tuple[Callable, Callable[[argparse.Namespace], int]]] = [
     (_add_apot_qat, _run_apot_qat),
     (_add_report, _run_report),
 ]
+
+
+# What the library raises for bad input (values, types, files, ops the integer path cannot lower).
+USER_ERRORS = (ValueError, TypeError, OSError, NotImplementedError, OverflowError, KeyError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -408,7 +472,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except BrokenPipeError:  # the reader went away (`adderquant models | head`): nothing left to say
+        sys.stderr.close()
+        return 0
+    except USER_ERRORS as err:
         message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the API wrote
         print(f"adderquant {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@
 Recipe (Chen et al., CVPR 2020, the authors' CIFAR script): SGD momentum 0.9, weight decay 5e-4 on
 every parameter, global batch 256, learning rate ``lr · ½(1 + cos(π·epoch/epochs))`` stepped once per
 epoch (lr 0.1: the authors' ``0.05·(1 + cos(π·epoch/400))``), adder weight gradients rescaled to norm
-``η·sqrt(numel)`` with η = 0.2, random crop (4-pixel zero padding) + horizontal flip.
+``η·sqrt(numel)`` with η = 0.2, random crop (4-pixel zero padding) + horizontal flip. The schedule is
+:func:`adderquant.loop.cosine_schedule` and the steps run through :func:`adderquant.loop.sgd_epoch`.
 
 Data stay in memory as uint8 tensors (on the GPU when there is one); augmentation and normalisation
 run on the batch where it is. Each epoch is reproducible from ``(seed, epoch)`` alone: the shuffle
@@ -11,7 +12,7 @@ and augmentation generators are seeded from them, so a run resumed from ``state.
 same weights as an uninterrupted one.
 
 Files in ``out_dir``: ``log.jsonl`` (one JSON object per epoch), ``checkpoint.safetensors`` +
-``checkpoint.json`` (:func:`adderquant.models.checkpoint.save`, loadable by ``adderquant eval``), and
+``checkpoint.json`` (:func:`adderquant.checkpoints.save`, loadable by ``adderquant eval``), and
 ``state.pt`` (model, optimizer, scheduler, epoch, RNG states; written atomically after the log line).
 
 Multi-GPU: launch with ``torchrun --nproc-per-node G``; with ``WORLD_SIZE > 1`` the model is wrapped
@@ -36,15 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from . import models
-from .data import CIFAR_ADDERNET_NORM, IMAGENET_NORM, Dataset, batches, normalize, random_crop_flip
+from . import checkpoints, models
+from .data import CIFAR_ADDERNET_NORM, IMAGENET_NORM, Dataset, batches
 from .evaluate import evaluate, show_progress
-from .models import checkpoint
+from .loop import cosine_schedule, crop_flip, epoch_summary, sgd_epoch
 from .nn import AdderConv2d
+from .utils import atomic_write
 
 LOG_NAME, STATE_NAME, CHECKPOINT_NAME = "log.jsonl", "state.pt", "checkpoint"
 
@@ -144,7 +144,10 @@ def _epoch_generator(seed: int, epoch: int, stream: int, device: torch.device) -
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain values, so ``state.pt`` loads with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                       has_gauss, cached], "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -152,7 +155,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         with contextlib.suppress(Exception):  # a different GPU count: leave CUDA streams as seeded
@@ -165,21 +169,15 @@ def _recipe(config: TrainConfig) -> dict:
     return {k: d[k] for k in _RECIPE_FIELDS}
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _check_config(config: TrainConfig, dataset: Dataset) -> None:
     if config.model not in models.REGISTRY:
         raise ValueError(f"unknown model {config.model!r}; choose from {models.names()}")
     if config.epochs < 1:
         raise ValueError(f"epochs must be ≥ 1, got {config.epochs}")
+    for name in ("lr", "momentum", "weight_decay"):
+        value = getattr(config, name)
+        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+            raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '≥ 0'}, got {value}")
     if config.batch_size < 2:
         raise ValueError(f"batch_size must be ≥ 2 (BatchNorm), got {config.batch_size}")
     if config.eval_every < 1:
@@ -206,38 +204,17 @@ def _shard(n: int, epoch: int, config: TrainConfig, world: _World) -> torch.Tens
 
 
 def _train_epoch(model, optimizer, x, y, epoch, config, world, device, norm) -> dict:
-    model.train()
-    local_batch = max(2, config.batch_size // world.size)
     idx = _shard(len(x), epoch, config, world).to(x.device)
-    aug = _epoch_generator(config.seed, epoch, 1, device)
-    loader = batches(x[idx], y[idx], local_batch, shuffle=False, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
-               disable=not (world.main and show_progress(config.progress)))
-    for xb, yb in bar:
-        if len(xb) < 2:  # BatchNorm cannot train on a single image
-            continue
-        inputs = normalize(random_crop_flip(xb, config.padding, generator=aug), *norm)
-        with autocast:
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float(), yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach().double() * len(yb)
-        correct += logits.detach().argmax(1).eq(yb).sum()
-        seen += len(yb)
-        if not bar.disable:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device,
-                                                                    dtype=torch.float64)])
+    loader = batches(x[idx], y[idx], max(2, config.batch_size // world.size), shuffle=False, device=device)
+    augment = crop_flip(config.padding, generator=_epoch_generator(config.seed, epoch, 1, device))
+    stats = sgd_epoch(model, optimizer, loader, norm, augment=augment, amp=config.amp,
+                      desc=f"epoch {epoch + 1}/{config.epochs}", progress=world.main and show_progress(config.progress))
+    totals = torch.stack([stats["loss_sum"], stats["correct"].double(),
+                          torch.tensor(float(stats["images"]), device=device, dtype=torch.float64)])
     if world.size > 1:
         dist.all_reduce(totals)
     loss_total, correct_total, n_total = totals.tolist()
-    return {"train_loss": loss_total / max(n_total, 1), "train_acc": 100.0 * correct_total / max(n_total, 1),
+    return {**epoch_summary({"loss_sum": loss_total, "correct": correct_total, "images": int(n_total)}),
             "images": int(n_total)}
 
 
@@ -283,11 +260,15 @@ def _train(config: TrainConfig, dataset: Dataset, world: _World) -> dict:
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    scheduler = cosine_schedule(optimizer, config.epochs)  # stepped once per epoch
 
     start_epoch = 0
     if config.resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)  # our own file
+        try:  # tensors and plain values only: a planted pickle cannot run code
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"cannot resume from {state_path}: not a training state written by adderquant "
+                             f"({type(err).__name__}); remove it to start over") from err
         if state["recipe"] != _recipe(config):
             diff = {k: (state["recipe"].get(k), v) for k, v in _recipe(config).items()
                     if state["recipe"].get(k) != v}
@@ -338,14 +319,14 @@ def _train(config: TrainConfig, dataset: Dataset, world: _World) -> dict:
                   "images_per_s": stats["images"] / seconds,
                   "eval_seconds": eval_seconds, "n_train": n, "n_test": n_test}
         if world.main:
-            checkpoint.save(core, out / CHECKPOINT_NAME, name=config.model, kind=config.kind,
+            checkpoints.save(core, out / CHECKPOINT_NAME, name=config.model, kind=config.kind,
                             num_classes=num_classes, normalization=norm, epoch=epoch, test_top1=top1,
                             data=dataset.name, data_source=dataset.source, config=dataclasses.asdict(config))
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             state = {"epoch": epoch, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": _rng_state(), "recipe": _recipe(config)}
-            _atomic_torch_save(state, state_path)
+            atomic_write(state_path, lambda tmp, state=state: torch.save(state, tmp))
         if world.size > 1:
             dist.barrier()
         if config.time_limit is not None and _out_of_time(started, ran, config.time_limit, world, device):

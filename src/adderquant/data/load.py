@@ -13,10 +13,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..utils import DATA_ENV as ENV
 from . import cifar_pickle, image_folder, npz, shards
 from .dataset import Dataset
-
-ENV = "ADDERQUANT_DATA"
 
 
 def load_dataset(path: str | os.PathLike | None = None, *, verify: bool = False) -> Dataset:

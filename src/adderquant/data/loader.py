@@ -54,3 +54,17 @@ def calibration_indices(dataset: Dataset, n: int = 1024, seed: int = 0) -> torch
 def calibration_subset(dataset: Dataset, n: int = 1024, seed: int = 0) -> torch.Tensor:
     """``n`` training images (uint8), the same ones for the same ``seed``: PTQ results stay comparable."""
     return dataset.x_train[calibration_indices(dataset, n, seed)]
+
+
+def tensor_batches(calib, batch_size: int = 256, limit: int | None = None, device=None):
+    """Image batches of ``calib``: a tensor cut into ``batch_size`` pieces, or any iterable of tensors
+    or ``(x, y)`` pairs (a ``DataLoader``) taken as it comes; at most ``limit`` batches, each moved to
+    ``device`` when given. What calibration, BN re-estimation and threshold fits iterate over."""
+    if isinstance(calib, torch.Tensor):
+        source = (calib[i : i + batch_size] for i in range(0, calib.shape[0], batch_size))
+    else:
+        source = (item[0] if isinstance(item, (tuple, list)) else item for item in calib)
+    for i, xb in enumerate(source):
+        if limit is not None and i >= limit:
+            return
+        yield xb if device is None else xb.to(device)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..kernels import int_adder_conv2d, int_quantize, int_requant
 from ..kernels.reference import check_int64_range
+from ..utils import conv_output_size
 from .graph import IntegerGraph
 from .runtime_numpy import load_aqz, quant_thresholds
 
@@ -62,7 +63,7 @@ def _max_pool(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
     h, w = x.shape[2:]
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph), value=torch.iinfo(x.dtype).min)
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    ho, wo = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
     out = None
     for i in range(kh):
         for j in range(kw):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 from safetensors.numpy import save as safetensors_bytes
 from torch import nn
 
+from ..quant import QuantResult
+from ..utils import atomic_write
 from .graph import DEFAULT_FRAC_BITS, IntegerGraph, convert
 from .runtime_numpy import pack_aqz
 
@@ -18,28 +20,23 @@ def write_aqz(graph: IntegerGraph, path: str | os.PathLike) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     data = pack_aqz(graph.to_json(), safetensors_bytes(graph.tensors, metadata={"format": "adderquant-integer"}))
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return atomic_write(p, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def export(qmodel: nn.Module, path: str | os.PathLike, *, name: str, normalization, meta: dict | None = None,
-           input_shape=(3, 32, 32), frac_bits: int = DEFAULT_FRAC_BITS) -> Path:
+def export(quantized: QuantResult | nn.Module, path: str | os.PathLike, *, name: str, normalization,
+           meta: dict | None = None, input_shape=(3, 32, 32), frac_bits: int = DEFAULT_FRAC_BITS) -> Path:
     """Convert a fake-quantized model (first/last layers quantized too) and write it to ``path``.
 
-    ``normalization = (mean, std)`` is the one the float model is evaluated with; it is folded into the
-    first layer. ``meta`` (JSON-serialisable) is stored under the graph's ``meta`` with ``name``.
+    ``quantized`` is what ``adderquant.quantize`` returned (its config is recorded in the file as
+    ``quant_config``) or the bare quantized module. ``normalization = (mean, std)`` is the one the float
+    model is evaluated with; it is folded into the first layer. ``meta`` (JSON-serialisable) is stored
+    under the graph's ``meta`` with ``name``.
     """
     info = {"name": name}
-    config = getattr(qmodel, "quant_config", None)
-    if config is not None:
-        info["quant_config"] = {k: getattr(config, k) for k in config.__dataclass_fields__}
+    qmodel = quantized
+    if isinstance(quantized, QuantResult):
+        qmodel = quantized.model
+        info["quant_config"] = asdict(quantized.config)
     info.update(meta or {})
     graph = convert(qmodel, normalization, input_shape=input_shape, frac_bits=frac_bits, meta=info)
     return write_aqz(graph, path)

@@ -20,14 +20,15 @@ from torch import nn
 
 from ..kernels import int_adder_conv2d
 from ..quant.adder_layer import QuantAdderConv2d, window_sum
-from ..quant.first_last import QuantConvLinear8
+from ..quant.first_last import QuantFirstLast
 from ..quant.uniform import quantize_int
+from ..utils import set_submodule
 
 
 class _Conv8F64(nn.Module):
-    """``QuantConvLinear8`` in float64: ``s_x·s_w·(x̄ ∗ w̄) + bias`` with the float32 model's x̄ rule."""
+    """``QuantFirstLast`` in float64: ``s_x·s_w·(x̄ ∗ w̄) + bias`` with the float32 model's x̄ rule."""
 
-    def __init__(self, m: QuantConvLinear8, first: bool):
+    def __init__(self, m: QuantFirstLast, first: bool):
         super().__init__()
         layer = m.layer
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
@@ -68,8 +69,9 @@ class _AdderF64(nn.Module):
             raise NotImplementedError("APoT-grid adder layers have no integer accumulator")
         x = x.double()
         qn, qp = m.int_bounds()
-        dtype = torch.int8 if qp <= 127 else torch.int16
-        w_int = m.int_weight().to(dtype)
+        wn, wp = m.acc_weight_bounds()  # the double-step grid's 2·w_q reaches −2^b
+        dtype = torch.int8 if -128 <= min(qn, wn) and max(qp, wp) <= 127 else torch.int16
+        w_int = m.acc_weight().to(dtype)
         out = None
         for s, idx in m.scale_sets():
             s = s.to(x.dtype)
@@ -87,13 +89,11 @@ class _AdderF64(nn.Module):
 def float64_reference(qmodel: nn.Module) -> nn.Module:
     """A float64 evaluation copy of a fake-quantized model (inputs: the float32 normalised images)."""
     m = copy.deepcopy(qmodel).eval()
-    names = [n for n, mod in m.named_modules() if isinstance(mod, QuantConvLinear8)]
+    names = [n for n, mod in m.named_modules() if isinstance(mod, QuantFirstLast)]
     for i, name in enumerate(names):
-        parent, _, leaf = name.rpartition(".")
-        setattr(m.get_submodule(parent) if parent else m, leaf, _Conv8F64(m.get_submodule(name), i == 0))
+        set_submodule(m, name, _Conv8F64(m.get_submodule(name), i == 0))
     for name in [n for n, mod in m.named_modules() if isinstance(mod, QuantAdderConv2d)]:
-        parent, _, leaf = name.rpartition(".")
-        setattr(m.get_submodule(parent) if parent else m, leaf, _AdderF64(m.get_submodule(name)))
+        set_submodule(m, name, _AdderF64(m.get_submodule(name)))
     for mod in m.modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             mod.double()

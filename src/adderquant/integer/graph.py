@@ -34,7 +34,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..nn import AdderConv2d
 from ..quant.adder_layer import QuantAdderConv2d
-from ..quant.first_last import QuantConvLinear8
+from ..quant.first_last import QuantFirstLast
 from ..quant.uniform import int_range, quantize_int
 from .runtime_numpy import GRAPH_FORMAT
 
@@ -128,7 +128,7 @@ class _Fx:
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (QuantAdderConv2d, QuantConvLinear8, AdderConv2d)):
+        if isinstance(m, (QuantAdderConv2d, QuantFirstLast, AdderConv2d)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -188,7 +188,7 @@ class _Builder:
         return np.array(ks, dtype=np.int64), np.array(ds, dtype=np.int64)
 
     # ----------------------------------------------------------------------------------- layers
-    def conv8(self, mod: QuantConvLinear8, x, label: str, shape) -> _Acc:
+    def conv8(self, mod: QuantFirstLast, x, label: str, shape) -> _Acc:
         layer, bits = mod.layer, mod.bits
         if bits > 8:
             raise NotImplementedError(f"{label}: {bits}-bit first/last layers (the integer graph takes ≤ 8)")
@@ -240,15 +240,19 @@ class _Builder:
         scales = mod.scales().detach().float()  # float32, as the fake-quant forward divides by them
         group_of = mod.group_of.detach().cpu().numpy()
         lshift, divisor = self.divisors(x, scales.tolist())
-        w_dtype = torch.int8 if qp <= 127 else torch.int16  # the unsigned 8-bit grid reaches 255
-        w_int = mod.int_weight().detach().to(w_dtype).numpy()
+        # the weight operand in units of the activation step: w̄, or 2·w_q on the double-step grid
+        wn, wp = mod.acc_weight_bounds()
+        w_dtype = torch.int8 if -128 <= wn and wp <= 127 else torch.int16  # unsigned 8-bit reaches 255
+        w_int = mod.acc_weight().detach().to(w_dtype).numpy()
         attrs = {"bits": mod.bits, "signed": signed, "qmin": qn, "qmax": qp,
                  "lossless_act_clamp": bool(mod.lossless_act_clamp),
                  "stride": _pair(mod.stride), "padding": _pair(mod.padding), "dilation": _pair(mod.dilation)}
+        if mod.double_step:  # informational: the runtimes need nothing new (weights may leave [qmin, qmax])
+            attrs["weight_grid"] = "double_step"
         out = self.emit("adder", label, [x.name], attrs=attrs, params={
             "weight": w_int, "group_of": group_of.astype(np.int32), "lshift": lshift, "divisor": divisor})
         scale = scales.double().numpy()[group_of]
-        bound = _bits(math.prod(w_int.shape[1:]) * (qp - qn))
+        bound = _bits(math.prod(w_int.shape[1:]) * max(qp - wn, wp - qn))
         if mod.lossless_act_clamp:
             bound += LOSSLESS_HEADROOM_BITS
         return _Acc(out, shape, scale, mod.clamp_bias.detach().double().numpy().copy(), bound)
@@ -347,7 +351,7 @@ def convert(qmodel: nn.Module, normalization, *, input_shape=(3, 32, 32), frac_b
             env[node] = _Image("image", (None, *input_shape))
         elif node.op == "output":
             output = args[0]
-        elif isinstance(mod, QuantConvLinear8):
+        elif isinstance(mod, QuantFirstLast):
             env[node] = b.conv8(mod, args[0], label, shape)
         elif isinstance(mod, QuantAdderConv2d):
             env[node] = b.adder(mod, args[0], label, shape)

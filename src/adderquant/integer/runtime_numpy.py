@@ -191,13 +191,18 @@ def _channel(t: np.ndarray, ndim: int) -> np.ndarray:
     return t.reshape((1, -1) + (1,) * (ndim - 2))
 
 
+def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    """Output length along one axis (this file's own copy of ``adderquant.utils.conv_output_size``:
+    the runtime must import nothing but NumPy)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def _im2col(x: np.ndarray, kernel, stride, padding, dilation) -> tuple[np.ndarray, int, int]:
     """(N, C, H, W) -> (N·Ho·Wo, C·kh·kw) in the weight's (C, kh, kw) order; padding is a real zero."""
     n, c, h, w = x.shape
     kh, kw = kernel
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
     cols = np.empty((n, ho, wo, c, kh, kw), dtype=x.dtype)
     for i in range(kh):
@@ -224,11 +229,13 @@ _CHUNK_ELEMS = 2**22
 def adder_int(x: np.ndarray, w: np.ndarray, stride, padding, dilation, qmin: int, qmax: int) -> np.ndarray:
     """``acc = −Σ|x − w|`` over each window (padding contributes |0 − w|), exact int64.
 
-    Operands lie in [qmin, qmax] (0 included); the differences are taken in the narrowest integer type
-    that holds them (int8 up to 7 bits, int16 beyond) and summed in int64.
+    Activations lie in [qmin, qmax] (0 included), weights there too except on the double-step grid
+    (2·w_q); the differences are taken in the narrowest integer type that holds them (int8 up to 7
+    bits, int16 beyond) and summed in int64.
     """
     n, o = x.shape[0], w.shape[0]
-    narrow = np.int8 if qmax - qmin <= 127 else np.int16
+    lo, hi = (min(qmin, int(w.min())), max(qmax, int(w.max()))) if w.size else (qmin, qmax)
+    narrow = np.int8 if hi - lo <= 127 else np.int16
     cols, ho, wo = _im2col(x.astype(narrow), w.shape[2:], stride, padding, dilation)
     wf = w.reshape(o, -1).astype(narrow)
     k = wf.shape[1]
@@ -253,8 +260,7 @@ def max_pool(x: np.ndarray, kernel, stride, padding) -> np.ndarray:
     n, c, h, w = x.shape
     if ph or pw:
         x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=np.iinfo(x.dtype).min)
-    ho = (h + 2 * ph - kh) // sh + 1
-    wo = (w + 2 * pw - kw) // sw + 1
+    ho, wo = _out_size(h, kh, sh, ph), _out_size(w, kw, sw, pw)
     out = None
     for i in range(kh):
         for j in range(kw):

@@ -50,7 +50,7 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced = previous
 
 
-def _pick(op: str, *tensors: torch.Tensor):
+def _choose(op: str, *tensors: torch.Tensor):
     wanted = _forced or os.environ.get("ADDERQUANT_BACKEND") or None
     if wanted == "auto":
         wanted = None
@@ -58,8 +58,18 @@ def _pick(op: str, *tensors: torch.Tensor):
         if wanted is not None and backend.name != wanted:
             continue
         if hasattr(backend, op) and backend.supports(op, *tensors):
-            return getattr(backend, op)
-    return getattr(reference.BACKEND, op)  # a forced backend that cannot take the call falls back too
+            return backend
+    return reference.BACKEND  # a forced backend that cannot take the call falls back too
+
+
+def _pick(op: str, *tensors: torch.Tensor):
+    return getattr(_choose(op, *tensors), op)
+
+
+def backend_name(op: str, *tensors: torch.Tensor) -> str:
+    """The name of the backend that would serve ``op`` (``"forward"``, ``"int_forward"``, ...) on these
+    tensors now, honouring :func:`use_backend` and ``ADDERQUANT_BACKEND``."""
+    return _choose(op, *tensors).name
 
 
 def _pair(v) -> Pair:

@@ -87,8 +87,7 @@ def force_isa(name: str) -> Iterator[str]:
 def _geometry(x, w, stride, padding, dilation):
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = reference.out_hw(x, (kh, kw), stride, padding, dilation)
     vals = (n, c, h, wd, o, kh, kw, *stride, *padding, *dilation, ho, wo)
     return (ctypes.c_int64 * 15)(*vals), ho, wo
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..utils import conv_output_size
+
 _CHUNK_FACTOR = 4  # temporaries stay within this many copies of the unfolded input
 INT64_LIMIT = 2**62  # |v·M| must stay below this in requantisation (headroom for the rounding add)
 
@@ -29,10 +31,9 @@ def _unfold(x, kernel, stride, padding, dilation):
     return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, K, P)
 
 
-def _out_hw(x, kernel, stride, padding, dilation):
-    h = (x.shape[2] + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    w = (x.shape[3] + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    return h, w
+def out_hw(x, kernel, stride, padding, dilation) -> tuple[int, int]:
+    """Output height and width of an adder layer on ``x`` (N, C, H, W)."""
+    return tuple(conv_output_size(x.shape[2 + i], kernel[i], stride[i], padding[i], dilation[i]) for i in (0, 1))
 
 
 class _Reference:
@@ -44,7 +45,7 @@ class _Reference:
     def forward(self, x, weight, stride, padding, dilation):
         n, o = x.shape[0], weight.shape[0]
         kernel = tuple(weight.shape[2:])
-        ho, wo = _out_hw(x, kernel, stride, padding, dilation)
+        ho, wo = out_hw(x, kernel, stride, padding, dilation)
         cols = _unfold(x, kernel, stride, padding, dilation).transpose(1, 2)  # (N, P, K)
         w = weight.reshape(o, -1).to(cols.dtype)
         dist = torch.cdist(cols.contiguous(), w.unsqueeze(0).expand(n, -1, -1).contiguous(), p=1)

@@ -388,16 +388,10 @@ def _round_up(a: int, b: int) -> int:
     return _cdiv(a, b) * b
 
 
-def _out_hw(x, kernel, stride, padding, dilation):
-    h = (x.shape[2] + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    w = (x.shape[3] + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    return h, w
-
-
 def _geometry(x, weight, stride, padding, dilation):
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
-    ho, wo = _out_hw(x, (kh, kw), stride, padding, dilation)
+    ho, wo = reference.out_hw(x, (kh, kw), stride, padding, dilation)
     return n, c, h, w, o, ho, wo, kh, kw
 
 

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..utils import hooked
 from .resnet_cifar import CifarResNet
 from .resnet_imagenet import ImageNetResNet, _Basic, _Bottleneck
 from .vgg_small import VGGSmall
@@ -71,19 +72,15 @@ def adder_shapes(name: str) -> list[AdderShape]:
 
     model, seen = create(name).eval(), {}
 
-    def hook(mod, args):
+    def record(_name, mod, args):
         c, h = args[0].shape[1], args[0].shape[2]
         o, k, s, p = mod.out_channels, mod.kernel_size[0], mod.stride[0], mod.padding[0]
         label = f"{c}->{o} {k}x{k}" + (f" s{s}" if s > 1 else "") + f" @{h}x{h}"
         seen.setdefault((c, h, o, k, s, p), AdderShape(label, c, h, o, k, s, p))
 
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, AdderConv2d)]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, input_size(name), input_size(name)))
-    finally:
-        for h in handles:
-            h.remove()
+    adders = {n: m for n, m in model.named_modules() if isinstance(m, AdderConv2d)}
+    with hooked(model, adders, record), torch.no_grad():
+        model(torch.zeros(1, 3, input_size(name), input_size(name)))
     return list(seen.values())
 
 

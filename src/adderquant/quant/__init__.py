@@ -1,36 +1,36 @@
-"""Quantizers, observers, grouping, PTQ and QAT for AdderNets (and APoT for CNNs)."""
+"""Quantization only: quantizer maths, quantized layers, observers, grouping, PTQ and QAT for AdderNets,
+and APoT for CNNs. ``quantize(model, calib, config)`` is the one entry point; the config's type picks
+the workflow (torchao style)."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from .adder_layer import QuantAdderConv2d
-from .config import QuantConfig, preset
-from .ptq import calibrate, choose_qssf, quantize_adder
+from .config import APoTConfig, QuantConfig, preset
+from .ptq import QuantResult, calibrate, quantize_adder
 from .qat import QATConfig, qat
 
 
-def quantize(model: nn.Module, calib, bits: int | None = None, config: QuantConfig | None = None, *,
-             method: str | None = None, labels=None, batch_size: int = 256, progress: bool = True) -> nn.Module:
-    """Quantized copy of ``model`` calibrated on ``calib`` (normalised images: a tensor or an iterable).
+def quantize(model: nn.Module, calib, config: QuantConfig | APoTConfig | None = None, *, labels=None,
+             batch_size: int = 256, progress: bool = False) -> QuantResult:
+    """Quantized copy of ``model`` calibrated on ``calib`` (normalised images: a tensor, or an iterable
+    of tensors / ``(x, y)`` batches such as a ``DataLoader``); ``model`` itself is left untouched.
 
-    ``adderquant.quantize(model, calib, bits=4)`` applies the paper's method; ``config`` selects any
-    variant (``QuantConfig.qssf("weights")``, ``QuantConfig.apot(4)``, …) and ``method="qssf"`` picks
-    the better of the two QSSF variants on the calibration set (by ``labels`` when given).
+    ``config`` defaults to the paper's method at 4 bits (``QuantConfig.paper(4)``); ``QuantConfig.ours(b)``,
+    ``QuantConfig.qssf("best", b)`` (scored on ``labels`` when given) and ``APoTConfig(b)`` select the
+    other workflows. Returns a :class:`QuantResult`: ``.model`` is the quantized network.
     """
-    if method is not None and config is not None:
-        raise ValueError("pass either method= or config=, not both")
-    bits = bits if bits is not None else (config.bits if config is not None else 4)
-    if method == "qssf":
-        return choose_qssf(model, calib, bits, labels=labels, batch_size=batch_size, progress=progress)
-    config = preset(method, bits) if method is not None else (config or QuantConfig.paper(bits))
-    config = config.with_(bits=bits)
-    if config.method == "apot":
+    config = QuantConfig.paper(4) if config is None else config
+    if isinstance(config, APoTConfig):
         from .apot_layers import apot_quantize
 
-        return apot_quantize(model, config.bits, calib=calib, first_last_bits=config.first_last_bits)
-    return quantize_adder(model, calib, config, batch_size=batch_size, progress=progress)
+        qmodel = apot_quantize(model, config.bits, calib=calib, first_last_bits=config.first_last_bits)
+        return QuantResult(qmodel, config)
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig or APoTConfig, got {type(config).__name__}")
+    return quantize_adder(model, calib, config, batch_size=batch_size, progress=progress, labels=labels)
 
 
-__all__ = ["QATConfig", "QuantAdderConv2d", "QuantConfig", "calibrate", "choose_qssf", "preset", "qat", "quantize",
-           "quantize_adder"]
+__all__ = ["APoTConfig", "QATConfig", "QuantAdderConv2d", "QuantConfig", "QuantResult", "calibrate", "preset",
+           "qat", "quantize", "quantize_adder"]

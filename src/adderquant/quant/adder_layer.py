@@ -14,6 +14,14 @@ With ``signed=False`` (beyond the paper, for inputs known to be ≥ 0, e.g. afte
 use the unsigned grid ``[0, 2^b − 1]`` with ``s_j = r_j/(2^b − 1)``: twice the resolution, and
 Theorem 1 still holds because every activation lies in the clamp interval ``[0, q_p·s_j]``.
 
+With ``weight_grid="double_step"`` (the authors' published code) the activations use the unsigned grid
+``a_q = clamp(round(X/s_j), 0, 2^b−1)``, ``s_j = r_j/(2^b−1)``, and the weights the signed grid with
+twice the step, ``w_q = clamp(round(W'·(2^b−1)/(2·r_j)), −2^(b−1), 2^(b−1)−1)``; the layer computes
+``s_j · (a_q ⊕ 2·w_q)``, an integer accumulator with the weight operand ``2·w_q`` (``acc_weight``).
+The weight codes are computed by that formula in float64, not as ``W'/(2·s_j)`` with the float32
+step: a weight clamped to −r_x sits exactly on the tie −(2^(b−1) − ½), and the float32 step's
+rounding would decide it either way (round half to even gives −2^(b−1)).
+
 With ``grid="apot"`` (a research option, not the paper's) both operands are projected onto the
 APoT level set scaled by the group range, ``r_j·Q(b)`` for non-negative inputs or ``r_j·(±Q(b−1))``;
 the accumulator is then no longer an integer, so such layers are fake-quant only.
@@ -31,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.functional import adaptive_scale, adder_conv2d
-from .uniform import int_range, quantize_int, scale_for_range
+from .uniform import int_range, quantize_int, round_ste, scale_for_range
 
 
 def window_sum(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
@@ -46,7 +54,7 @@ class QuantAdderConv2d(nn.Module):
 
     def __init__(self, weight: torch.Tensor, stride, padding, dilation, *, bits: int, group_of: torch.Tensor,
                  ranges: torch.Tensor, clamp_bias: torch.Tensor | None, lossless_act_clamp: bool = False,
-                 eta: float | None = 0.2, signed: bool = True, grid: str = "uniform"):
+                 eta: float | None = 0.2, signed: bool = True, grid: str = "uniform", weight_grid: str = "shared"):
         super().__init__()
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.kernel_size = tuple(weight.shape[2:])
@@ -55,6 +63,12 @@ class QuantAdderConv2d(nn.Module):
         if grid not in ("uniform", "apot"):
             raise ValueError(f"grid must be 'uniform' or 'apot', got {grid!r}")
         self.grid = grid
+        if weight_grid not in ("shared", "double_step"):
+            raise ValueError(f"weight_grid must be 'shared' or 'double_step', got {weight_grid!r}")
+        if weight_grid == "double_step" and (signed or grid != "uniform" or lossless_act_clamp):
+            raise ValueError("weight_grid='double_step' needs signed=False (unsigned activations), the uniform "
+                             "grid and no lossless activation clamp")
+        self.weight_grid = weight_grid
         if grid == "apot":
             from .apot import levels
 
@@ -78,9 +92,32 @@ class QuantAdderConv2d(nn.Module):
     def channel_scales(self) -> torch.Tensor:
         return self.scales()[self.group_of]
 
+    @property
+    def double_step(self) -> bool:
+        return getattr(self, "weight_grid", "shared") == "double_step"
+
     def int_weight(self) -> torch.Tensor:
-        """w̄ per channel with its group's scale, as integer-valued float (STE in training)."""
+        """w̄ per channel with its group's scale, as integer-valued float (STE in training); for the
+        double-step grid ``w_q`` on the signed grid with step ``2·s_j``."""
+        if self.double_step:  # the formula in float64: ties (clamped weights at −r_x) go to even, exactly
+            qn, qp = int_range(self.bits, True)
+            r = self.ranges.double()[self.group_of].view(-1, 1, 1, 1)
+            codes = round_ste(self.weight.double() * (2**self.bits - 1) / (2 * r))
+            return torch.clamp(codes, qn, qp).to(self.weight.dtype)
         return quantize_int(self.weight, self.channel_scales().view(-1, 1, 1, 1), self.bits, self.signed)
+
+    def acc_weight(self) -> torch.Tensor:
+        """The weight operand of the integer accumulator, in units of the activation step ``s_j``:
+        ``w̄`` (shared grid) or ``2·w_q`` (double step)."""
+        w = self.int_weight()
+        return 2 * w if self.double_step else w
+
+    def acc_weight_bounds(self) -> tuple[int, int]:
+        """The range ``acc_weight`` can take: ``[q_n, q_p]``, or ``[−2^b, 2^b − 2]`` for the double step."""
+        if self.double_step:
+            qn, qp = int_range(self.bits, True)
+            return 2 * qn, 2 * qp
+        return self.int_bounds()
 
     def excess(self, x_wide: torch.Tensor) -> torch.Tensor:
         qn, qp = self.int_bounds()
@@ -120,7 +157,7 @@ class QuantAdderConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grid == "apot":
             return self._forward_apot(x)
-        w_int = self.int_weight().to(x.dtype)
+        w_int = self.acc_weight().to(x.dtype)
         train = self.training and torch.is_grad_enabled()
         if train:  # de-quantized weights; the AdderNet η rescaling applies to the whole layer once
             w_full = w_int * self.channel_scales().view(-1, 1, 1, 1).to(x.dtype)
@@ -148,4 +185,5 @@ class QuantAdderConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, bits={self.bits}, "
                 f"groups={self.groups}, signed={self.signed}, grid={self.grid}, "
-                f"lossless_act_clamp={self.lossless_act_clamp}")
+                + (f"weight_grid={self.weight_grid}, " if self.double_step else "")
+                + f"lossless_act_clamp={self.lossless_act_clamp}")

@@ -29,6 +29,8 @@ from functools import cache
 
 import torch
 
+from ..utils import check_bits
+
 KINDS = ("apot", "pot", "uniform")
 # Supported (unsigned) level-set sizes B per kind. "apot": the authors' bases exist for B = 2..6.
 # "pot": the authors' non-additive set {0} ∪ {2^-i} (2^B − 1 powers); B ≤ 6 keeps 2^-(2^B-2) ≥ 2^-62.
@@ -68,16 +70,10 @@ def _bases(bits: int) -> list[list[float]]:
 def _check_bits(bits, kind: str, signed: bool) -> int:
     if kind not in KINDS:
         raise ValueError(f"level-set kind must be one of {KINDS}, got {kind!r}")
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
     lo, hi = BIT_RANGE[kind]
     if signed:  # sign bit + a (bits − 1)-bit magnitude set; 2-bit signed is {−1, 0, 1} for every kind
         lo, hi = 2, hi + 1
-    if not lo <= bits <= hi:
-        what = "signed (sign + magnitude) " if signed else ""
-        raise ValueError(f"{kind} quantization supports {what}bits {lo}..{hi}, got {bits}"
-                         + (" (the authors' APoT level sets exist for B = 2..6)" if kind == "apot" else ""))
-    return bits
+    return check_bits(bits, lo, hi, f"{kind} {'signed (sign + magnitude) ' if signed else ''}bits")
 
 
 @cache

@@ -25,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import tensor_batches
+from ..utils import check_bits, hooked, set_submodule
 from .apot import BIT_RANGE, act_levels, apot_fake_quant, normalize_weight, weight_levels
+from .bn import reestimate_bn
 
 # Model bit widths the APoT layers support: activations use Q(b), weights sign + Q(b − 1).
 LAYER_BITS = BIT_RANGE["apot"]
@@ -34,11 +37,8 @@ AUTHORS_ACT_ALPHA = 8.0
 
 
 def check_layer_bits(bits) -> int:
-    lo, hi = LAYER_BITS
-    if isinstance(bits, bool) or not isinstance(bits, int) or not lo <= bits <= hi:
-        raise ValueError(f"APoT layers support bits {lo}..{hi} (activations Q(b), weights sign + Q(b−1); "
-                         f"the authors' level sets exist up to Q(6)), got {bits!r}")
-    return bits
+    """APoT layer widths: activations Q(b), weights sign + Q(b−1); the authors' level sets exist up to Q(6)."""
+    return check_bits(bits, *LAYER_BITS, "APoT layer bits")
 
 
 class WeightQuantizer(nn.Module):
@@ -132,8 +132,7 @@ class QuantLinear(_APoTLayer, nn.Linear):
 
 def max_quantize_weight(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """``round(w / w.max() · n) / n · w.max()``, n = 2^(bits−1) − 1, signed max, straight-through grad."""
-    if not 2 <= bits <= 16:
-        raise ValueError(f"first/last-layer bits must be in 2..16, got {bits}")
+    check_bits(bits, 2, 16, "first/last-layer bits")
     top = w.detach().max()
     if top == 0:
         raise ValueError("cannot quantize by w.max(): the largest weight is 0")
@@ -200,11 +199,6 @@ def _compute_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
-
-
 def apot_quantize(model: nn.Module, bits: int, calib=None, first_last_bits: int | None = 8, *,
                   layers: Iterable[str] | None = None, max_calib_batches: int = 8,
                   recalibrate_bn: bool = True) -> nn.Module:
@@ -223,7 +217,7 @@ def apot_quantize(model: nn.Module, bits: int, calib=None, first_last_bits: int 
 
     Weight normalisation changes each layer's output scale by 1/std(w) (×20–60 on a trained ResNet-20),
     so a float model's BatchNorm statistics no longer fit: with ``calib`` and ``recalibrate_bn`` the
-    BatchNorm running statistics are re-estimated on the calibration batches (cumulative average,
+    BatchNorm running statistics are re-estimated on the calibration batches (their exact statistics,
     quantized forward) — post-training use. Without it, the model only makes sense after QAT (which is
     how the authors use it: their BatchNorms are trained with normalised weights).
     """
@@ -249,7 +243,7 @@ def apot_quantize(model: nn.Module, bits: int, calib=None, first_last_bits: int 
         if name in (first, last):
             if first_last_bits is not None and not isinstance(m, FirstLastConv2d | FirstLastLinear):
                 cls = FirstLastConv2d if isinstance(m, nn.Conv2d) else FirstLastLinear
-                _set(q, name, cls.from_float(m, first_last_bits))
+                set_submodule(q, name, cls.from_float(m, first_last_bits))
         elif name in chosen:
             cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
             layer = cls.from_float(m, bits)
@@ -259,32 +253,16 @@ def apot_quantize(model: nn.Module, bits: int, calib=None, first_last_bits: int 
                     layer.weight_quant.wgt_alpha.fill_(mse_threshold(wn, layer.weight_quant.levels, True))
                     if name in acts:
                         layer.act_alpha.fill_(mse_threshold(acts[name], layer.act_levels, False))
-            _set(q, name, layer)
+            set_submodule(q, name, layer)
     if calib is not None and recalibrate_bn:
         _recalibrate_bn(q, calib, max_calib_batches)
     return q
 
 
-@torch.no_grad()
 def _recalibrate_bn(model: nn.Module, calib, limit: int) -> None:
-    """Re-estimate every BatchNorm's running mean/var on the calibration batches (cumulative average)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    was_training = model.training
-    model.train()
-    try:
-        device = next(model.parameters()).device
-        for x in _batches(calib, limit):
-            model(x.to(device))
-    finally:
-        for bn, m in zip(bns, momenta, strict=True):
-            bn.momentum = m
-        model.train(was_training)
+    """Re-estimate every BatchNorm's running mean/var on the first ``limit`` calibration batches (exact
+    statistics over all of them, no augmentation): :func:`adderquant.quant.bn.reestimate_bn`."""
+    reestimate_bn(model, calib, limit, momentum=None, batch_size=256, augment=False, cycle=False)
 
 
 def mse_threshold(x: torch.Tensor, lv: torch.Tensor, signed: bool, steps: int = 80) -> float:
@@ -304,19 +282,6 @@ def mse_threshold(x: torch.Tensor, lv: torch.Tensor, signed: bool, steps: int = 
     return best
 
 
-def _batches(calib, limit: int, batch_size: int = 256):
-    if isinstance(calib, torch.Tensor):
-        for i, start in enumerate(range(0, len(calib), batch_size)):
-            if i >= limit:
-                return
-            yield calib[start:start + batch_size]
-        return
-    for i, b in enumerate(calib):
-        if i >= limit:
-            return
-        yield b[0] if isinstance(b, tuple | list) else b
-
-
 @torch.no_grad()
 def _record_inputs(model: nn.Module, names: set[str], calib, limit: int,
                    per_layer: int = 1 << 16) -> dict[str, torch.Tensor]:
@@ -324,25 +289,16 @@ def _record_inputs(model: nn.Module, names: set[str], calib, limit: int,
     store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     gen = torch.Generator().manual_seed(0)
 
-    def hook(name):
-        def fn(_module, inputs):
-            x = inputs[0].detach().flatten().float().cpu()
-            if x.numel() > per_layer // limit:
-                x = x[torch.randint(x.numel(), (per_layer // limit,), generator=gen)]
-            store[name].append(x)
-        return fn
+    def record(name, _module, inputs):
+        x = inputs[0].detach().flatten().float().cpu()
+        if x.numel() > per_layer // limit:
+            x = x[torch.randint(x.numel(), (per_layer // limit,), generator=gen)]
+        store[name].append(x)
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if n in names]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        for x in _batches(calib, limit):
-            model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    device = next(model.parameters()).device
+    with hooked(model, {n: m for n, m in model.named_modules() if n in names}, record):
+        for x in tensor_batches(calib, limit=limit, device=device):
+            model(x)
     return {n: torch.cat(v) for n, v in store.items() if v}
 
 

@@ -1,13 +1,10 @@
 """Progressive APoT quantization-aware training (the authors' recipe: fp32 → 4 → 3 → 2 bits, each
 stage initialised from the previous one).
 
-``adderquant.train.train`` builds its model from a config (it cannot fine-tune a given one) and
-``adderquant.quant.qat.qat`` optimises every parameter in one group, whereas the APoT authors give the
-clipping thresholds their own learning rates (``act_alpha`` and ``wgt_alpha`` parameter groups in
-their CIFAR script; the defaults below are those values as recalled, not re-verified here). So the
-step loop is here (SGD with momentum, cosine learning rate per stage, cross-entropy), built on the
-shared pieces: ``adderquant.data`` batching, random crop + flip and normalisation, and
-``adderquant.evaluate.evaluate``.
+The APoT authors give the clipping thresholds their own learning rates (``act_alpha`` and
+``wgt_alpha`` parameter groups in their CIFAR script; the defaults below are those values as
+recalled, not re-verified here), so a stage builds its own parameter groups and a per-step cosine
+schedule, then steps through the package's one loop (:func:`adderquant.loop.sgd_epoch`).
 """
 
 from __future__ import annotations
@@ -15,14 +12,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data import batches, normalize, random_crop_flip
+from ..data import CIFAR_APOT_NORM, batches, normalize
 from ..evaluate import evaluate
-from .apot_import import CIFAR_APOT_NORM
+from ..loop import cosine_schedule, crop_flip, epoch_summary, sgd_epoch
 from .apot_layers import (
     FirstLastConv2d,
     FirstLastLinear,
@@ -32,7 +29,15 @@ from .apot_layers import (
     check_layer_bits,
 )
 
-__all__ = ["apot_progressive_qat", "train_stage"]
+__all__ = ["APoTStage", "apot_progressive_qat", "train_stage"]
+
+
+@dataclass
+class APoTStage:
+    """One stage of the schedule: its model (a copy) and its test top-1 (None unless evaluated)."""
+
+    model: nn.Module
+    top1: float | None = None
 
 
 def _param_groups(model: nn.Module, weight_decay: float, alpha_lr: tuple[float, float] | None,
@@ -56,32 +61,20 @@ def train_stage(model: nn.Module, dataset, epochs: int, lr: float, *, norm=CIFAR
                 log: Callable[[str], None] | None = None) -> nn.Module:
     """Train ``model`` in place for ``epochs`` on ``dataset.x_train``/``y_train`` (uint8 NCHW)."""
     device = next(model.parameters()).device
-    groups = _param_groups(model, weight_decay, alpha_lr, alpha_weight_decay)
-    opt = torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    n = len(dataset.x_train)
-    steps_per_epoch = math.ceil(n / batch_size)
+    opt = torch.optim.SGD(_param_groups(model, weight_decay, alpha_lr, alpha_weight_decay), lr=lr, momentum=momentum)
+    steps_per_epoch = math.ceil(len(dataset.x_train) / batch_size)
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
-    base = [g["lr"] for g in opt.param_groups]
+    sched = cosine_schedule(opt, total)  # stepped once per batch
     gen = torch.Generator().manual_seed(seed)
+    augment = crop_flip(4, seed=lambda s: seed + s) if augment else None
     step = 0
-    loss = torch.tensor(float("nan"))
-    model.train()
     for epoch in range(epochs):
-        for xb, yb in batches(dataset.x_train, dataset.y_train, batch_size, shuffle=True, generator=gen,
-                              device=device):
-            if step >= total:
-                break
-            for g, b in zip(opt.param_groups, base, strict=True):
-                g["lr"] = 0.5 * b * (1 + math.cos(math.pi * step / total))
-            if augment:
-                xb = random_crop_flip(xb, 4, generator=torch.Generator(device=xb.device).manual_seed(seed + step))
-            loss = F.cross_entropy(model(normalize(xb, *norm)), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+        loader = batches(dataset.x_train, dataset.y_train, batch_size, shuffle=True, generator=gen, device=device)
+        stats = sgd_epoch(model, opt, loader, norm, augment=augment, step=step, scheduler=sched, max_steps=total,
+                          desc=f"apot epoch {epoch + 1}/{epochs}")
+        step = stats["step"]
         if log:
-            log(f"epoch {epoch + 1}/{epochs}: loss {float(loss):.4f}")
+            log(f"epoch {epoch + 1}/{epochs}: loss {epoch_summary(stats)['train_loss']:.4f}")
     model.eval()
     return model
 
@@ -94,16 +87,16 @@ def apot_progressive_qat(model: nn.Module, dataset, schedule: Sequence[int] = (3
                          epochs_per_stage: int | Sequence[int] = 1, lr: float | Sequence[float] = 0.04, *,
                          norm=CIFAR_APOT_NORM, init: str = "data", calib_images: int = 512,
                          evaluate_each: bool = True, log: Callable[[str], None] | None = None,
-                         **train_options) -> dict[int, nn.Module]:
+                         **train_options) -> dict[int, APoTStage]:
     """Train ``model`` through ``schedule`` (32 = float inner layers, else APoT bits 2..6); each stage
     starts from the previous stage's weights and thresholds (a quantized model changes width in place
     via ``set_bits``; a float one is converted with :func:`apot_quantize`, thresholds from ``init``:
     ``"data"`` = MSE-fit on ``calib_images`` training images, ``"authors"`` = 3.0 / 8.0).
 
     First and last layers are 8-bit by ``w.max()`` in every stage (the fp32 stage too, as the authors'
-    fp32 model). ``dataset``: an ``adderquant.data.Dataset`` (uint8 NCHW). Returns ``{bits: model}``
-    (copies; ``model`` is untouched); ``model.apot_accuracy`` holds the test accuracy when
-    ``evaluate_each``. ``train_options`` go to :func:`train_stage`.
+    fp32 model). ``dataset``: an ``adderquant.data.Dataset`` (uint8 NCHW). Returns ``{bits: APoTStage}``
+    (copies; ``model`` is untouched), each with its test accuracy when ``evaluate_each``.
+    ``train_options`` go to :func:`train_stage`.
     """
     if init not in ("data", "authors"):
         raise ValueError(f"init must be 'data' or 'authors', got {init!r}")
@@ -117,7 +110,7 @@ def apot_progressive_qat(model: nn.Module, dataset, schedule: Sequence[int] = (3
     lrs = [lr] * len(schedule) if isinstance(lr, int | float) else list(lr)
     if len(epochs) != len(schedule) or len(lrs) != len(schedule):
         raise ValueError("epochs_per_stage and lr must be scalars or have one entry per stage")
-    results: dict[int, nn.Module] = {}
+    results: dict[int, APoTStage] = {}
     current = copy.deepcopy(model)
     for bits, n_epochs, stage_lr in zip(schedule, epochs, lrs, strict=True):
         if bits == 32:
@@ -139,11 +132,12 @@ def apot_progressive_qat(model: nn.Module, dataset, schedule: Sequence[int] = (3
         if log:
             log(f"stage {bits} bits: {n_epochs} epochs, lr {stage_lr}")
         train_stage(current, dataset, n_epochs, stage_lr, norm=norm, log=log, **train_options)
+        top1 = None
         if evaluate_each:
-            current.apot_accuracy = evaluate(current, dataset.x_test, dataset.y_test, norm, progress=False).top1
+            top1 = evaluate(current, dataset.x_test, dataset.y_test, norm, progress=False).top1
             if log:
-                log(f"stage {bits} bits: test accuracy {current.apot_accuracy:.2f} %")
-        results[bits] = current
+                log(f"stage {bits} bits: test accuracy {top1:.2f} %")
+        results[bits] = APoTStage(current, top1)
     return results
 
 

@@ -1,30 +1,38 @@
-"""``QuantConfig``: every switch of the AdderNet quantizer as one plain dataclass, with presets."""
+"""One config dataclass per quantization workflow: ``QuantConfig`` (AdderNet PTQ, every switch of the
+paper's quantizer, with presets) and ``APoTConfig`` (APoT for CNNs). ``quantize`` picks the handler
+by the config's type."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+
+from ..utils import check_bits
+from .apot import BIT_RANGE
 
 GROUP_FEATURES = ("max", "mean", "all", "uniform")
-SCALE_SOURCES = ("min", "weights", "activations")
-ACT_CLAMP_MODES = ("percentile", "max_scale")
+SCALE_SOURCES = ("min", "weights", "activations", "best")
+ACT_CLAMP_MODES = ("percentile", "max_scale", "batch_max")
 CLAMP_TARGETS = ("representable", "range")
+WEIGHT_GRIDS = ("shared", "double_step")
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How adder layers are quantized (NeurIPS 2022, Sec. 3) — and, with ``method="apot"``, CNN layers.
+    """How adder layers are quantized (NeurIPS 2022, Sec. 3).
 
     Per adder layer, with ``r_x`` the activation range and ``r_wj`` the weight range of group j:
 
     - ``groups``/``group_feature``: output channels clustered into g groups by max|W_c| (Eq. 14–15);
       one shared scale per group. ``groups=1`` is one shared scale per layer (QSSF).
     - ``weight_clamp``: clamp W to [-r_x, r_x] and fold the excess into a bias (Theorem 1, lossless).
-    - ``act_clamp``: r_x = sorted|X|[ceil(α(n-1))] (``percentile``) or α·max|X| (``max_scale``);
-      off: r_x = max|X|.
+    - ``act_clamp``: r_x = sorted|X|[ceil(α(n-1))] (``percentile``) or α·max|X| (``max_scale``), or the
+      authors' ``batch_max``: the running max over calibration batches of ``act_batch_size`` images of
+      each batch's sorted|X|[int((round(n·α) − 1)·α)] (n = the batch's numel); off: r_x = max|X|.
     - ``clamp_to``: the weight-clamp interval: ``representable`` = [q_n·s_j, q_p·s_j] (exact for the
       quantized activations) or ``range`` = the paper's literal [-r_x, r_x].
     - ``scale_source``: each group's shared range: ``min`` = min(r_wj, r_x) (the paper), ``weights`` =
-      r_wj (QSSF-w), ``activations`` = r_x (QSSF-a).
+      r_wj (QSSF-w), ``activations`` = r_x (QSSF-a); ``best`` = whichever of the two QSSF variants
+      scores better on the calibration images (one calibration pass serves both).
     - ``unsigned_activations`` (beyond the paper): a layer whose calibration inputs are all ≥ 0 (after
       ReLU) uses the unsigned grid [0, 2^b−1] for weights and activations; weights below 0 fold into
       the bias exactly as in Theorem 1, so the non-negative activations get all 2^b levels.
@@ -32,6 +40,20 @@ class QuantConfig:
       on each group's shared range (fake-quant only; measured in docs/results).
     - ``lossless_act_clamp`` (beyond the paper): inside a group whose quantized weights lie within the
       integer range, activations above the range are compensated exactly by ``-Σ_window excess``.
+    - ``weight_grid``: ``shared`` (weights on the activations' grid) or the authors' ``double_step``:
+      activations unsigned ``[0, 2^b−1]`` with step ``s = r/(2^b−1)``, weights signed
+      ``[−2^(b−1), 2^(b−1)−1]`` with step ``2s``; the integer accumulator is ``Σ|a_q − 2·w_q|``.
+    - ``bn_recalibration``: after quantizing, re-estimate every BatchNorm's running statistics on that
+      many augmented batches of ``bn_batch_size`` calibration images through the quantized model
+      (``bn_momentum``: ``None`` = the exact statistics over all those batches, else PyTorch's EMA
+      momentum, the authors' 0.1); 0 = off (:func:`adderquant.quant.bn.reestimate_bn`).
+    - ``range_search`` (beyond the paper): instead of one hand-set α, each adder layer's r_x is the
+      percentile among ``range_alphas`` whose quantized layer (groups, shared scales, fold rebuilt)
+      minimises the output MSE against the float layer on ``range_search_images`` calibration images.
+    - ``bn_correction`` (beyond the paper and the authors): keep the float model's BatchNorm statistics
+      and correct each for the shift quantization causes in its input, measured against the float
+      model on the same calibration images (``mean``, or ``mean_var`` for mean and scale;
+      :func:`adderquant.quant.bn.correct_bn`).
     """
 
     bits: int = 4
@@ -49,11 +71,20 @@ class QuantConfig:
     clamp_to: str = "representable"
     quantize_first_last: bool = False
     first_last_bits: int = 8
+    weight_grid: str = "shared"
+    act_batch_size: int = 128  # images per calibration batch of act_clamp_mode="batch_max"
+    bn_recalibration: int = 0  # batches; 0 = off
+    bn_momentum: float | None = None  # None = cumulative (exact statistics over all the batches)
+    bn_batch_size: int = 128
+    bn_correction: str | None = None  # None, "mean" or "mean_var": correct BN for the quantization shift
+    range_search: bool = False  # choose each layer's r_x among range_alphas by output MSE
+    range_alphas: tuple[float, ...] = (0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0)
+    range_search_images: int = 64
 
     def __post_init__(self):
-        if not 2 <= self.bits <= 16:
-            raise ValueError(f"bits must be in 2..16, got {self.bits}")
-        if self.groups < 1:
+        check_bits(self.bits, 2, 16)
+        check_bits(self.first_last_bits, 2, 8, "first_last_bits")  # the integer path's int8 operands
+        if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
             raise ValueError(f"groups must be ≥ 1, got {self.groups}")
         if self.group_feature not in GROUP_FEATURES:
             raise ValueError(f"group_feature must be one of {GROUP_FEATURES}, got {self.group_feature!r}")
@@ -67,8 +98,31 @@ class QuantConfig:
             raise ValueError(f"the APoT grid has level sets for 2..6 bits, got {self.bits}")
         if self.clamp_to not in CLAMP_TARGETS:
             raise ValueError(f"clamp_to must be one of {CLAMP_TARGETS}, got {self.clamp_to!r}")
+        if self.scale_source == "best" and self.method != "qssf":
+            raise ValueError("scale_source='best' chooses between the QSSF variants: use QuantConfig.qssf('best')")
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        if self.weight_grid not in WEIGHT_GRIDS:
+            raise ValueError(f"weight_grid must be one of {WEIGHT_GRIDS}, got {self.weight_grid!r}")
+        if self.weight_grid == "double_step" and (self.grid != "uniform" or self.lossless_act_clamp):
+            raise ValueError("weight_grid='double_step' takes the uniform grid without lossless_act_clamp")
+        if _not_int(self.act_batch_size) or self.act_batch_size < 1:
+            raise ValueError(f"act_batch_size must be a positive integer, got {self.act_batch_size!r}")
+        check_bn_options(self.bn_recalibration, self.bn_momentum, self.bn_batch_size)
+        if self.range_search:
+            if not self.range_alphas:
+                raise ValueError("range_search needs at least one candidate in range_alphas")
+            if not all(isinstance(a, int | float) and 0.0 < a <= 1.0 for a in self.range_alphas):
+                raise ValueError(f"range_alphas must lie in (0, 1], got {self.range_alphas!r}")
+            if self.act_clamp_mode != "percentile" or self.grid != "uniform":
+                raise ValueError("range_search chooses among percentiles on the uniform grid")
+            if _not_int(self.range_search_images) or self.range_search_images < 1:
+                raise ValueError(f"range_search_images must be a positive integer, got {self.range_search_images!r}")
+        if self.bn_correction not in (None, "mean", "mean_var"):
+            raise ValueError(f"bn_correction must be None, 'mean' or 'mean_var', got {self.bn_correction!r}")
+        if self.bn_correction and self.bn_recalibration:
+            raise ValueError("bn_correction keeps the float model's statistics as the reference; "
+                             "bn_recalibration replaces them: choose one")
 
     @classmethod
     def paper(cls, bits: int = 4, **overrides) -> QuantConfig:
@@ -84,29 +138,89 @@ class QuantConfig:
 
     @classmethod
     def qssf(cls, source: str = "weights", bits: int = 4, **overrides) -> QuantConfig:
-        """One shared scale per layer (QSSF), its range from the weights or from the activations."""
-        if source not in ("weights", "activations"):
-            raise ValueError(f"QSSF source must be 'weights' or 'activations', got {source!r}")
-        return cls(bits=bits, method=f"qssf-{source[0]}", groups=1, weight_clamp=False, act_clamp=False,
+        """One shared scale per layer (QSSF), its range from the weights, the activations, or the
+        ``best`` of the two on the calibration images. Groups and clamps are what QSSF is without, so
+        only the first/last-layer switches may be overridden."""
+        if source not in ("weights", "activations", "best"):
+            raise ValueError(f"QSSF source must be 'weights', 'activations' or 'best', got {source!r}")
+        extra = sorted(set(overrides) - QSSF_OVERRIDES)
+        if extra:
+            raise ValueError(f"QSSF is one scale per layer without clamps: it takes no {', '.join(extra)}")
+        method = "qssf" if source == "best" else f"qssf-{source[0]}"
+        return cls(bits=bits, method=method, groups=1, weight_clamp=False, act_clamp=False,
                    scale_source=source, **overrides)
 
     @classmethod
-    def apot(cls, bits: int = 4, **overrides) -> QuantConfig:
-        """APoT (ICLR 2020) for CNN layers; first and last layers at 8 bits."""
-        return cls(bits=bits, method="apot", **overrides)
+    def authors(cls, bits: int = 4, **overrides) -> QuantConfig:
+        """The authors' published code (MindSpore "AdderQuant"), not the paper's text: unsigned
+        activations with double-step signed weights, 4 groups by max|W| (k-means-optimal), r = min(r_w,
+        r_x) with the weights clamped to the literal [−r_x, r_x], r_x the running per-batch max of the
+        α = 0.9997 index on 128-image batches, then 200 batches of BN re-estimation (EMA momentum 0.1).
+        docs/quantization.md lists what differs from the paper and from their code."""
+        return cls(bits=bits, method="authors", **{
+            "groups": 4, "group_feature": "max", "weight_clamp": True, "clamp_to": "range", "act_clamp": True,
+            "act_clamp_mode": "batch_max", "alpha": 0.9997, "act_batch_size": 128, "scale_source": "min",
+            "weight_grid": "double_step", "bn_recalibration": 200, "bn_momentum": 0.1, "bn_batch_size": 128,
+            **overrides})
 
     def with_(self, **changes) -> QuantConfig:
         return replace(self, **changes)
 
 
+def _not_int(v) -> bool:
+    return isinstance(v, bool) or not isinstance(v, int)
+
+
+def check_bn_options(batches, momentum, batch_size) -> None:
+    """One ValueError for bad BatchNorm re-estimation options (shared with :mod:`adderquant.quant.bn`)."""
+    problems = []
+    if _not_int(batches) or batches < 0:
+        problems.append(f"bn_recalibration must be an integer ≥ 0 (batches; 0 = off), got {batches!r}")
+    if _not_int(batch_size) or batch_size < 2:
+        problems.append(f"bn_batch_size must be an integer ≥ 2 (a batch variance needs 2 images), got {batch_size!r}")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, int | float)
+                                 or not 0.0 < momentum <= 1.0):
+        problems.append(f"bn_momentum must be None (cumulative) or in (0, 1], got {momentum!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+QSSF_OVERRIDES = {"quantize_first_last", "first_last_bits", "bn_recalibration", "bn_momentum", "bn_batch_size",
+                  "bn_correction"}
+
+
+@dataclass(frozen=True)
+class APoTConfig:
+    """APoT (ICLR 2020) for CNN layers: b-bit inner layers, first and last layers at ``first_last_bits``
+    (``None`` keeps them float); thresholds fitted on the calibration images."""
+
+    bits: int = 4
+    first_last_bits: int | None = 8
+    method: str = "apot"
+
+    def __post_init__(self):
+        check_bits(self.bits, *BIT_RANGE["apot"])
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, 2, 16, "first_last_bits")
+
+
+METHODS = ("paper", "ours", "authors", "qssf", "qssf-w", "qssf-a")
+
+
 def preset(method: str, bits: int, **overrides) -> QuantConfig:
-    """Config for a CLI method name: ``paper``, ``ours``, ``qssf-w``, ``qssf-a`` (``qssf`` is chosen later)."""
+    """Config for a method name (the CLI's ``--method``); overrides a preset does not take are refused here,
+    before any work."""
+    known = {f.name for f in fields(QuantConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown quantization options {unknown}")
     if method == "paper":
         return QuantConfig.paper(bits, **overrides)
     if method == "ours":
         return QuantConfig.ours(bits, **overrides)
-    if method in ("qssf-w", "qssf-a"):
-        return QuantConfig.qssf("weights" if method == "qssf-w" else "activations", bits, **overrides)
-    if method == "apot":
-        return QuantConfig.apot(bits, **overrides)
-    raise ValueError(f"unknown method {method!r}; choose paper, ours, qssf, qssf-w, qssf-a or apot")
+    if method == "authors":
+        return QuantConfig.authors(bits, **overrides)
+    if method in ("qssf", "qssf-w", "qssf-a"):
+        return QuantConfig.qssf({"qssf": "best", "qssf-w": "weights", "qssf-a": "activations"}[method], bits,
+                                **overrides)
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

@@ -10,15 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils import check_bits
 from .uniform import fake_quantize
 
 
-class QuantConvLinear8(nn.Module):
-    """Wraps an ``nn.Conv2d`` or ``nn.Linear`` with b-bit weights and activations."""
+class QuantFirstLast(nn.Module):
+    """Wraps an ``nn.Conv2d`` or ``nn.Linear`` with b-bit weights and activations (8 by default)."""
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, act_range: float, bits: int = 8):
         super().__init__()
-        self.layer, self.bits = layer, bits
+        self.layer, self.bits = layer, check_bits(bits, 2, 16)
         w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
         w_range = w.abs().amax(1).clamp_min(1e-12)
         self.register_buffer("w_scale", 2 * w_range / (2**bits - 1))

@@ -1,45 +1,58 @@
 """Post-training quantization of AdderNets (paper Sec. 3) and the QSSF baseline.
 
-``quantize`` calibrates on full-precision activations, then replaces every ``AdderConv2d`` with a
-``QuantAdderConv2d`` whose groups, ranges and clamp bias follow the ``QuantConfig``.
+``quantize_adder`` calibrates on full-precision activations, then replaces every ``AdderConv2d`` with a
+``QuantAdderConv2d`` whose groups, ranges and clamp bias follow the ``QuantConfig``; it returns a
+:class:`QuantResult` (the model plus what was decided on the way), never attributes on the module.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data import tensor_batches
 from ..nn import AdderConv2d
+from ..utils import hooked, set_submodule
 from .adder_layer import QuantAdderConv2d
+from .bn import correct_bn, reestimate_bn
 from .config import QuantConfig
-from .first_last import QuantConvLinear8
+from .first_last import QuantFirstLast
 from .grouping import group_channels
 from .observers import AbsRangeObserver
 from .uniform import int_range, scale_for_range
 
 
-def _batches(calib, batch_size: int) -> Iterable[torch.Tensor]:
-    if isinstance(calib, torch.Tensor):
-        for i in range(0, calib.shape[0], batch_size):
-            yield calib[i : i + batch_size]
-        return
-    for item in calib:
-        yield item[0] if isinstance(item, (tuple, list)) else item
+@dataclass
+class QuantResult:
+    """What ``quantize`` returns: the quantized copy and the facts of how it was made."""
+
+    model: nn.Module
+    config: QuantConfig  # as applied (for QSSF 'best': the winning variant)
+    layers: dict[str, dict] = field(default_factory=dict)  # per adder layer: r_x, signed, group ranges …
+    calibration_scores: dict[str, float] | None = None  # QSSF 'best': each variant's calibration score
 
 
-def _first_last(model: nn.Module) -> list[str]:
+def first_last_names(model: nn.Module) -> list[str]:
     """Names of the conventional first and last layers (stem conv and classifier)."""
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     return [names[0], names[-1]] if names else []
 
 
+def check_finite(calib) -> None:
+    """ValueError when calibration images (a tensor) hold NaN or ±inf; other iterables are checked
+    batch by batch where they are read."""
+    if isinstance(calib, torch.Tensor) and calib.is_floating_point() and not bool(torch.isfinite(calib).all()):
+        bad = int((~torch.isfinite(calib)).sum())
+        raise ValueError(f"calibration data holds {bad} NaN/inf value(s)")
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, calib, config: QuantConfig, batch_size: int = 256,
-              progress: bool = True, min_alpha: float | None = None) -> dict[str, AbsRangeObserver]:
+              progress: bool = False, min_alpha: float | None = None) -> dict[str, AbsRangeObserver]:
     """Observe |input| of every adder layer (and first/last layer) on the full-precision model.
 
     The observers answer any α ≥ ``min_alpha`` (default ``config.alpha``), so one calibration pass
@@ -47,31 +60,42 @@ def calibrate(model: nn.Module, calib, config: QuantConfig, batch_size: int = 25
     """
     targets = {n: m for n, m in model.named_modules() if isinstance(m, AdderConv2d)}
     if config.quantize_first_last:
-        targets.update({n: model.get_submodule(n) for n in _first_last(model)})
+        targets.update({n: model.get_submodule(n) for n in first_last_names(model)})
+    check_finite(calib)
     total = calib.shape[0] if isinstance(calib, torch.Tensor) else None
-    observers = {n: AbsRangeObserver(min(config.alpha, min_alpha or 1.0)) for n in targets}
-    sizes: dict[str, int] = {}
+    batch_alpha = config.alpha if config.act_clamp_mode == "batch_max" else None
+    if batch_alpha is not None:  # the authors' per-batch statistic: batches of act_batch_size images
+        batch_size = config.act_batch_size
+    observers = {n: AbsRangeObserver(min(config.alpha, min_alpha or 1.0), batch_alpha=batch_alpha) for n in targets}
+    batches = list(tensor_batches(calib, batch_size))
+    if not isinstance(calib, torch.Tensor):  # an iterable's batches, before any work
+        for xb in batches:
+            check_finite(xb)
 
-    def hook(name):
-        def fn(_, inputs):
-            x = inputs[0]
-            if total is not None and observers[name].total is None:
-                observers[name].total = x[0].numel() * total
-            observers[name].observe(x)
-            sizes[name] = x[0].numel()
-        return fn
+    def observe(name, _module, inputs):
+        x = inputs[0]
+        if total is not None and observers[name].total is None:
+            observers[name].total = x[0].numel() * total
+        observers[name].observe(x)
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for xb in tqdm(list(_batches(calib, batch_size)), desc="calibrate", disable=not progress, leave=False):
+    with hooked(model, targets, observe):
+        for xb in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
             model(xb)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     return observers
+
+
+def check_adder_model(model: nn.Module, config: QuantConfig) -> None:
+    """Refuse, before any work, a model this quantizer would return unchanged or quantize other than asked."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    adders = {n: m for n, m in model.named_modules() if isinstance(m, AdderConv2d)}
+    if not adders:
+        raise ValueError(f"{type(model).__name__} has no adder layers (AdderConv2d) to quantize; "
+                         "for a CNN use APoTConfig")
+    name, fewest = min(adders.items(), key=lambda kv: kv[1].out_channels)
+    if config.groups > fewest.out_channels:
+        raise ValueError(f"groups={config.groups} but adder layer {name} has only {fewest.out_channels} "
+                         "output channels")
 
 
 def layer_parameters(weight: torch.Tensor, r_x: float, config: QuantConfig, signed: bool = True):
@@ -105,64 +129,108 @@ def layer_parameters(weight: torch.Tensor, r_x: float, config: QuantConfig, sign
     return w.to(weight.dtype), group_of, ranges, clamp_bias
 
 
-def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int = 256,
-                   progress: bool = True, observers: dict[str, AbsRangeObserver] | None = None) -> nn.Module:
+def _quant_layer(module: AdderConv2d, r_x: float, config: QuantConfig, signed: bool) -> QuantAdderConv2d:
+    double = config.weight_grid == "double_step"
+    w, group_of, ranges, bias = layer_parameters(module.weight, r_x, config, signed or double)
+    return QuantAdderConv2d(w, module.stride, module.padding, module.dilation, bits=config.bits,
+                            group_of=group_of, ranges=ranges, clamp_bias=bias,
+                            lossless_act_clamp=config.lossless_act_clamp, eta=module.eta, signed=signed,
+                            grid=config.grid, weight_grid=config.weight_grid)
+
+
+@torch.no_grad()
+def _adder_inputs(model: nn.Module, calib, images: int) -> dict[str, torch.Tensor]:
+    """The full-precision inputs of every adder layer on the first ``images`` calibration images."""
+    x = calib[:images] if isinstance(calib, torch.Tensor) else torch.cat(list(tensor_batches(calib)))[:images]
+    adders = {n: m for n, m in model.named_modules() if isinstance(m, AdderConv2d)}
+    seen = {}
+    with hooked(model, adders, lambda name, _m, inputs: seen.__setitem__(name, inputs[0].detach())):
+        model(x)
+    return seen
+
+
+@torch.no_grad()
+def search_range(module: AdderConv2d, x: torch.Tensor, obs: AbsRangeObserver, config: QuantConfig,
+                 signed: bool) -> tuple[float, dict[float, float]]:
+    """The activation range r_x, among the observer's percentiles at ``config.range_alphas``, whose
+    quantized layer — groups, shared scales and the Theorem-1 fold all rebuilt for that r_x — gives the
+    smallest mean squared error against the full-precision layer's output on ``x``. Returns it and the
+    error of every candidate (by α)."""
+    target = module(x)
+    errors, best = {}, None
+    for alpha in config.range_alphas:
+        r_x = obs.percentile(alpha) if alpha < 1 else obs.max
+        errors[alpha] = err = float((_quant_layer(module, r_x, config, signed).eval()(x) - target).square().mean())
+        if best is None or err < errors[best[0]]:
+            best = (alpha, r_x)
+    return best[1], errors
+
+
+def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int = 256, progress: bool = False,
+                   observers: dict[str, AbsRangeObserver] | None = None, labels=None) -> QuantResult:
     """Fake-quantized copy of an AdderNet under ``config`` (the original is untouched).
 
-    ``observers`` from an earlier :func:`calibrate` call skip the calibration pass."""
-    q = copy.deepcopy(model).eval()
+    ``observers`` from an earlier :func:`calibrate` call skip the calibration pass. QSSF ``best`` builds
+    both variants from the same observers and keeps the one that scores better on ``calib`` (by
+    ``labels`` when given, else agreement with the full-precision predictions). With
+    ``config.bn_recalibration`` the BatchNorm statistics are then re-estimated on augmented batches of
+    ``calib`` through the quantized copy (:func:`adderquant.quant.bn.reestimate_bn`)."""
+    check_adder_model(model, config)
+    check_finite(calib)
     if observers is None:
-        observers = calibrate(q, calib, config, batch_size, progress)
+        min_alpha = min(config.range_alphas) if config.range_search else None
+        observers = calibrate(model, calib, config, batch_size, progress, min_alpha=min_alpha)
+    if config.scale_source == "best":
+        return _best_qssf(model, calib, config, batch_size, observers, labels)
+    q = copy.deepcopy(model).eval()
     stats = {}
+    inputs = _adder_inputs(model, calib, config.range_search_images) if config.range_search else {}
     for name, obs in observers.items():
         module = q.get_submodule(name)
         if not isinstance(module, AdderConv2d) and not config.quantize_first_last:
             continue
         if isinstance(module, AdderConv2d):
-            r_x = obs.range(config.act_clamp, config.act_clamp_mode, config.alpha)
-            signed = not (config.unsigned_activations and obs.min >= 0)
-            w, group_of, ranges, bias = layer_parameters(module.weight, r_x, config, signed)
-            new = QuantAdderConv2d(w, module.stride, module.padding, module.dilation, bits=config.bits,
-                                   group_of=group_of, ranges=ranges, clamp_bias=bias,
-                                   lossless_act_clamp=config.lossless_act_clamp, eta=module.eta, signed=signed,
-                                   grid=config.grid)
-            stats[name] = {"r_x": r_x, "max_abs_x": obs.max, "signed": signed, "ranges": ranges.tolist(),
-                           "max_abs_w": float(module.weight.detach().abs().max())}
+            double = config.weight_grid == "double_step"  # unsigned activations, signed weights at 2·s
+            signed = False if double else not (config.unsigned_activations and obs.min >= 0)
+            if config.range_search:
+                r_x, searched = search_range(module, inputs[name], obs, config, signed)
+            else:
+                r_x, searched = obs.range(config.act_clamp, config.act_clamp_mode, config.alpha), None
+            new = _quant_layer(module, r_x, config, signed)
+            stats[name] = {"r_x": r_x, "max_abs_x": obs.max, "signed": signed, "ranges": new.ranges.tolist(),
+                           "max_abs_w": float(module.weight.detach().abs().max()), "range_search": searched}
         else:
-            new = QuantConvLinear8(module, obs.max, config.first_last_bits)
-        _set_submodule(q, name, new)
-    q.quant_config = config
-    q.quant_stats = stats
-    return q
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+            new = QuantFirstLast(module, obs.max, config.first_last_bits)
+        set_submodule(q, name, new)
+    if config.bn_recalibration:  # on the quantized model, augmented calibration batches (quant/bn.py)
+        reestimate_bn(q, calib, config.bn_recalibration, momentum=config.bn_momentum,
+                      batch_size=config.bn_batch_size)
+        q.eval()
+    if config.bn_correction:
+        images = calib if isinstance(calib, torch.Tensor) else torch.cat(list(tensor_batches(calib)))
+        correct_bn(q, model, images, config.bn_correction)
+    return QuantResult(q, config, stats)
 
 
 @torch.no_grad()
-def _calibration_score(model: nn.Module, calib: torch.Tensor, labels, reference, batch_size: int) -> float:
-    preds = torch.cat([model(xb).argmax(1) for xb in _batches(calib, batch_size)])
-    target = labels if labels is not None else reference
-    return float((preds == target.to(preds.device)).float().mean())
+def _predictions(model: nn.Module, calib, batch_size: int) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(xb).argmax(1) for xb in tensor_batches(calib, batch_size)])
 
 
-def choose_qssf(model: nn.Module, calib: torch.Tensor, bits: int, labels=None, batch_size: int = 256,
-                progress: bool = True, observers=None, **overrides) -> nn.Module:
-    """QSSF = the better of ``qssf-w`` and ``qssf-a`` on the calibration set (labels if given, else
-    agreement with the full-precision predictions). The winner is recorded in ``quant_config``."""
-    reference = None
-    if labels is None:
-        with torch.no_grad():
-            reference = torch.cat([model.eval()(xb).argmax(1) for xb in _batches(calib, batch_size)])
-    best, best_score = None, -1.0
-    scores = {}
+def _best_qssf(model: nn.Module, calib, config: QuantConfig, batch_size: int, observers, labels) -> QuantResult:
+    """QSSF = the better of ``qssf-w`` and ``qssf-a`` on the calibration images."""
+    target = labels if labels is not None else _predictions(model, calib, batch_size)
+    best, scores = None, {}
     for source in ("weights", "activations"):
-        config = QuantConfig.qssf(source, bits, **overrides)
-        cand = quantize_adder(model, calib, config, batch_size, progress, observers=observers)
-        scores[cand.quant_config.method] = score = _calibration_score(cand, calib, labels, reference, batch_size)
-        if score > best_score:
-            best, best_score = cand, score
-    best.qssf_calibration_scores = scores
+        variant = QuantConfig.qssf(source, config.bits, quantize_first_last=config.quantize_first_last,
+                                   first_last_bits=config.first_last_bits, bn_recalibration=config.bn_recalibration,
+                                   bn_momentum=config.bn_momentum, bn_batch_size=config.bn_batch_size,
+                                   bn_correction=config.bn_correction)
+        cand = quantize_adder(model, calib, variant, batch_size, observers=observers)
+        preds = _predictions(cand.model, calib, batch_size)
+        scores[variant.method] = float((preds == target.to(preds.device)).float().mean())
+        if best is None or scores[variant.method] > scores[best.config.method]:
+            best = cand
+    best.calibration_scores = scores
     return best

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..data import batches, normalize, random_crop_flip
+from ..data import batches
 from ..evaluate import evaluate, show_progress
+from ..loop import cosine_schedule, crop_flip, epoch_summary, sgd_epoch
+from ..utils import default_device
 
 
 @dataclass
@@ -36,12 +35,24 @@ class QATConfig:
     log_path: str | None = None  # JSON lines, one object per epoch
     clip_grad_norm: float | None = None  # total gradient norm cap (None: the paper's recipe, no cap)
 
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"QAT epochs must be ≥ 1, got {self.epochs}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"QAT lr must be a finite number > 0, got {self.lr}")
+        if self.batch_size < 2:
+            raise ValueError(f"QAT batch_size must be ≥ 2 (BatchNorm), got {self.batch_size}")
+        if self.limit_train is not None and self.limit_train < 2:
+            raise ValueError(f"QAT limit_train must be ≥ 2 images, got {self.limit_train}")
+        if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
+            raise ValueError(f"clip_grad_norm must be a finite number > 0, got {self.clip_grad_norm}")
+
 
 def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = None, device=None,
-        progress: bool = True) -> list[dict]:
+        progress: bool = False) -> list[dict]:
     """Fine-tune ``qmodel`` in place; returns the per-epoch log."""
     config = config or QATConfig()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     qmodel.to(device)
     torch.manual_seed(config.seed)
     x, y = dataset.x_train, dataset.y_train
@@ -49,38 +60,22 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
         x, y = x[: config.limit_train], y[: config.limit_train]
     opt = torch.optim.SGD(qmodel.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * e / config.epochs)))
+    sched = cosine_schedule(opt, config.epochs)  # stepped once per epoch
     log, steps = [], 0
-    mean, std = normalization
     for epoch in range(config.epochs):
-        qmodel.train()
         gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-        loss_sum = correct = seen = 0
-        start = time.perf_counter()
         loader = batches(x, y, config.batch_size, shuffle=True, generator=gen, device=device)
-        for xb, yb in tqdm(loader, desc=f"qat {epoch + 1}/{config.epochs}", leave=False,
-                           disable=not show_progress(progress)):
-            aug = torch.Generator(device=xb.device).manual_seed(config.seed * 1000 + epoch + steps)
-            logits = qmodel(normalize(random_crop_flip(xb, generator=aug), mean, std))
-            loss = F.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(qmodel.parameters(), config.clip_grad_norm)
-            opt.step()
-            steps += 1
-            loss_sum += float(loss.detach()) * len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-            seen += len(yb)
-            if config.max_steps and steps >= config.max_steps:
-                break
+        stats = sgd_epoch(qmodel, opt, loader, normalization, step=steps, max_steps=config.max_steps,
+                          augment=crop_flip(seed=lambda s, e=epoch: config.seed * 1000 + e + s),
+                          clip_grad_norm=config.clip_grad_norm, desc=f"qat {epoch + 1}/{config.epochs}",
+                          progress=show_progress(progress))
+        steps = stats["step"]
         sched.step()
         n_eval = config.eval_limit or len(dataset.y_test)
         result = evaluate(qmodel, dataset.x_test[:n_eval], dataset.y_test[:n_eval], normalization,
                           device=device, progress=progress)
-        entry = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / max(seen, 1),
-                 "train_acc": 100.0 * correct / max(seen, 1), "test_top1": result.top1, "test_n": result.n,
-                 "seconds": time.perf_counter() - start}
+        entry = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **epoch_summary(stats),
+                 "test_top1": result.top1, "test_n": result.n, "seconds": stats["seconds"] + result.seconds}
         log.append(entry)
         if config.log_path:
             Path(config.log_path).parent.mkdir(parents=True, exist_ok=True)

@@ -7,11 +7,11 @@ t − 1 adds (plus a sign flip). A b-bit weight is sign + a (b − 1)-bit magnit
 shift-add multiplication: up to b − 1 terms). :func:`apot_shift_add_cost` gives the per-product cost,
 worst case (``reduce="max"``) or averaged over the levels (``"mean"``: equal use, or ``probs``).
 
-:func:`compare_resnet50` counts a network's multiply-accumulates per layer (forward hooks on every
-``nn.Conv2d``/``nn.Linear``: output elements × fan-in) and prices them under several explicit cost
-models; first and last layers are 8-bit uniform (by ``w.max()``) in both networks, as in APoT. The
-paper does not state its model here; see :data:`COST_MODELS` for the ones tried and the report in the
-module tests / project docs for which land near 22 %.
+:func:`compare_resnet50` counts a network's multiply-accumulates per layer (the ``nn.Conv2d`` and
+``nn.Linear`` layers of :func:`.counting.count_model`: output elements × fan-in) and prices them under
+several explicit cost models; first and last layers are 8-bit uniform (by ``w.max()``) in both
+networks, as in APoT. The paper does not state its model here; see :data:`COST_MODELS` for the ones
+tried and the report in the module tests / project docs for which land near 22 %.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .apot import levels, terms_per_level
+from ..models import create
+from ..quant.apot import levels, terms_per_level
+from .counting import count_model
 
 __all__ = ["COST_MODELS", "LayerMACs", "ShiftAddCost", "apot_shift_add_cost", "compare_resnet50",
            "layer_macs", "network_cost", "terms_per_level"]
@@ -69,25 +71,11 @@ class LayerMACs:
 
 
 def layer_macs(model: nn.Module, input_shape=(1, 3, 224, 224)) -> list[LayerMACs]:
-    """Multiply-accumulates of every ``nn.Conv2d``/``nn.Linear`` for one input, in execution order."""
-    out: list[LayerMACs] = []
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d | nn.Linear):
-            def hook(mod, _inp, y, name=name):
-                per_sample = y.numel() // y.shape[0]
-                out.append(LayerMACs(name, type(mod).__name__, per_sample * mod.weight[0].numel()))
-            handles.append(m.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(input_shape))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return out
+    """Multiply-accumulates per sample of every ``nn.Conv2d``/``nn.Linear`` (adder layers excluded) for
+    one input, in execution order."""
+    batch = input_shape[0]
+    return [LayerMACs(lc.name, type(model.get_submodule(lc.name)).__name__, lc.macs // batch)
+            for lc in count_model(model, input_shape).layers if lc.type in ("conv", "linear")]
 
 
 # name: (description, per-product cost function(ShiftAddCost) -> float, accumulate add per MAC, reduce)
@@ -128,11 +116,7 @@ def compare_resnet50(bits: int = 4, include_first_last: bool = True, net: nn.Mod
     every model of :data:`COST_MODELS`: ``{model: (apot_ops, uniform_ops, reduction_percent)}``.
     ``net`` (or its precomputed ``macs``) replaces ResNet-50."""
     if macs is None:
-        if net is None:
-            from ..models import create
-
-            net = create("resnet50", kind="conv")
-        macs = layer_macs(net)
+        macs = layer_macs(net if net is not None else create("resnet50", kind="conv"))
     result = {}
     for name in COST_MODELS:
         a = network_cost(macs, bits, "apot", name, include_first_last=include_first_last)

@@ -5,26 +5,29 @@ activation range ``r_x`` (the α-percentile of |X|, Sec. 3.2) and ``max|X|``, th
 beyond ``r_x`` (what the lossless weight clamp folds into the bias), and the groups the quantizer's
 ``QuantConfig`` would form (Eq. 14–15) with their weight ranges ``r_wj`` and shared quantization
 ranges. ``plot_ranges`` draws Figure 2 (weight range bars per channel against the activation range),
-``plot_distributions`` Figure 4 (weight and activation histograms of one layer, log-y).
+``plot_distributions`` Figure 4 (weight and activation histograms of one layer, log-y);
+:func:`report_ranges` writes all of it for ``adderquant report ranges``.
 
-matplotlib is imported only inside the plotting functions (Agg backend): it is an optional extra.
+matplotlib is imported only when plotting (Agg canvas): it is an optional extra.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..data import calibration_subset, load_dataset, normalize, tensor_batches
 from ..nn import AdderConv2d
-from .config import QuantConfig
-from .observers import AbsRangeObserver
-from .ptq import _batches, calibrate, layer_parameters
+from ..quant.config import QuantConfig
+from ..quant.observers import AbsRangeObserver
+from ..quant.ptq import calibrate, layer_parameters
+from ..utils import atomic_write, hooked
+from ._plotting import agg_figure, save_figure
 
 DEFAULT_LAYER = "layer1.1.conv2"  # the layer of the paper's Figure 2
 
@@ -124,36 +127,16 @@ def format_table(stats: dict[str, LayerRanges]) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 _GROUP_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
                  "tab:cyan")
-
-
-def _save(fig, path) -> Path:
-    """Write ``fig`` as a PNG (creating the directory) and release it."""
-    plt = _pyplot()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def plot_ranges(stats: dict[str, LayerRanges], layer: str, path, log: bool = False) -> Path:
     """Figure 2: per-output-channel absolute weight range (bars, coloured by group) vs the activation
     range (r_x and max|X| lines) of ``layer``."""
     s = stats[layer]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, 3.6))
+    fig = agg_figure(figsize=(10, 3.6))
+    ax = fig.subplots()
     c = list(range(len(s.weight_max)))
     colors = [_GROUP_COLORS[j % len(_GROUP_COLORS)] for j in s.group_of]
     ax.bar(c, s.weight_max, color=colors, width=0.8)
@@ -168,23 +151,17 @@ def plot_ranges(stats: dict[str, LayerRanges], layer: str, path, log: bool = Fal
     ax.set_title(f"{layer}: weight range per channel vs activation range")
     ax.set_xlim(-1, len(c))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
 def layer_inputs(model: nn.Module, calib, layer: str, batch_size: int = 256) -> torch.Tensor:
     """Every input value ``layer`` sees on ``calib`` (flattened float32)."""
-    module = model.get_submodule(layer)
     seen: list[torch.Tensor] = []
-    handle = module.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].detach().flatten().cpu()))
-    was_training = model.training
-    model.eval()
-    try:
-        for xb in _batches(calib, batch_size):
+    with hooked(model, {layer: model.get_submodule(layer)},
+                lambda _name, _module, inputs: seen.append(inputs[0].detach().flatten().cpu())):
+        for xb in tensor_batches(calib, batch_size):
             model(xb)
-    finally:
-        handle.remove()
-        model.train(was_training)
     return torch.cat(seen)
 
 
@@ -196,8 +173,8 @@ def plot_distributions(model: nn.Module, calib, layer: str, path, config: QuantC
     if stats is None:
         stats = range_statistics(model, calib, config, alpha)[layer]
     w = model.get_submodule(layer).weight.detach().flatten().to(torch.float64)
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = agg_figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
     for ax, v, what in ((axes[0], w, "weights"), (axes[1], x, "activations (input)")):
         ax.hist(v.numpy(), bins=bins, color="gray", log=True)
         ax.set_title(f"{layer}: {what}, n={v.numel():,}")
@@ -215,7 +192,7 @@ def plot_distributions(model: nn.Module, calib, layer: str, path, config: QuantC
     axes[1].axvline(stats.x_max, color="red", lw=1, ls=":", label=f"max|X| = {stats.x_max:.2f}")
     for ax in axes:
         ax.legend(fontsize=7, loc="upper right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def report_ranges(checkpoint, data, out_dir, layer: str | None = None, calib_size: int = 1024, seed: int = 0,
@@ -229,10 +206,9 @@ def report_ranges(checkpoint, data, out_dir, layer: str | None = None, calib_siz
     ``distributions_<layer>.png`` (Fig. 4) into ``out_dir``, each name preceded by ``prefix``.
     Returns the paths and the statistics.
     """
-    from ..data import calibration_subset, load_dataset, normalize
-    from ..models import checkpoint as ckpt_io
+    from ..checkpoints import load as load_checkpoint  # only for a path: the statistics need no checkpoints
 
-    ck = ckpt_io.load(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    ck = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     ds = load_dataset(data) if isinstance(data, (str, Path)) else data
     model = ck.model.eval()
     calib = normalize(calibration_subset(ds, calib_size, seed=seed), *ck.normalization)
@@ -250,44 +226,17 @@ def report_ranges(checkpoint, data, out_dir, layer: str | None = None, calib_siz
               f"{calib_size} training images of {ds.name} (seed {seed}); alpha = {alpha}; groups by "
               f"{config.group_feature}|W_c|, g = {config.groups}, shared range = {config.scale_source}(r_wj, r_x)")
     paths = {"json": out / f"{prefix}ranges.json", "table": out / f"{prefix}ranges.txt"}
-    paths["table"].write_text(header + "\n\n" + table + "\n")
+    atomic_write(paths["table"], lambda tmp: Path(tmp).write_text(header + "\n\n" + table + "\n"))
     payload = {"checkpoint": str(checkpoint) if isinstance(checkpoint, (str, Path)) else ck.name,
                "data": str(data) if isinstance(data, (str, Path)) else ds.name, "dataset": ds.name,
                "calib_size": calib_size, "seed": seed, "alpha": alpha, "config": asdict(config),
                "layers": [s.to_dict() for s in stats.values()]}
-    paths["json"].write_text(json.dumps(payload, indent=1) + "\n")
+    atomic_write(paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1) + "\n"))
     safe = layer.replace(".", "_")
     paths["ranges"] = plot_ranges(stats, layer, out / f"{prefix}ranges_{safe}.png")
     paths["distributions"] = plot_distributions(model, calib, layer, out / f"{prefix}distributions_{safe}.png",
                                                 stats=stats[layer])
     return {"stats": stats, "table": table, "layer": layer, "paths": paths}
-
-
-def main(argv=None) -> int:
-    """``python -m adderquant.quant.report --checkpoint C --data D --out DIR`` (same as the CLI's
-    ``adderquant report ranges``)."""
-    import argparse
-
-    p = argparse.ArgumentParser(description="Range statistics and Figures 2/4 of an AdderNet checkpoint.")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--layer", default=None, help=f"layer to plot (default {DEFAULT_LAYER})")
-    p.add_argument("--calib-size", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--alpha", type=float, default=0.999)
-    p.add_argument("--prefix", default="", help="prepended to every file name")
-    args = p.parse_args(argv)
-    out = report_ranges(args.checkpoint, args.data, args.out, args.layer, args.calib_size, args.seed, args.alpha,
-                        prefix=args.prefix, progress=sys.stderr.isatty())
-    print(out["table"])
-    for path in out["paths"].values():
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 __all__ = ["LayerRanges", "format_table", "layer_inputs", "plot_distributions", "plot_ranges", "range_statistics",

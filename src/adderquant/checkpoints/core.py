@@ -1,18 +1,16 @@
-"""Checkpoints: safetensors + a JSON sidecar of metadata, written atomically; importers for the
-authors' formats.
+"""Checkpoints: safetensors + a JSON sidecar of metadata, written atomically; the importer registry.
 
 ``save`` writes ``X.safetensors`` (tensors) and ``X.json`` (model name, kind, classes, head,
-normalisation, training arguments, accuracy). ``load`` accepts those, the official AdderNet
-``.pth`` (DataParallel ``module.`` prefix, adder weights under ``.adder``), any registered importer
-(APoT adds one), and a plain state_dict of a registered model. PyTorch pickles are read with
-``weights_only=True`` unless the caller passes ``unsafe=True``.
+normalisation, training arguments, accuracy). ``load`` accepts those, any registered importer's
+format (the package registers the official AdderNet ``.pth`` and the APoT authors' files), and a
+plain state_dict of a registered model. PyTorch pickles are read with ``weights_only=True`` unless
+the caller passes ``unsafe=True``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data.normalization import CIFAR_ADDERNET_NORM as ADDERNET_NORM
-from . import create
+from ..models import create
+from ..quant.apot_layers import apot_quantize
+from ..utils import CHECKPOINTS_ENV, DATA_ENV, atomic_write
 
 
 @dataclass
@@ -42,8 +42,6 @@ class Checkpoint:
 Importer = Callable[[dict, str | None, dict], "Checkpoint | None"]
 IMPORTERS: list[tuple[str, Importer]] = []
 
-
-CHECKPOINTS_ENV = "ADDERQUANT_CHECKPOINTS"
 OFFICIAL_ADDERNET = "addernet-resnet20-cifar10.pth"
 
 
@@ -51,8 +49,8 @@ def find_official_addernet() -> str | None:
     """The authors' AdderNet ResNet-20 (the embedded default of the CLI, scripts and benchmarks):
     under ``$ADDERQUANT_CHECKPOINTS``, beside ``$ADDERQUANT_DATA``, or in ``../shared/checkpoints``."""
     roots = [os.environ.get(CHECKPOINTS_ENV)]
-    if os.environ.get("ADDERQUANT_DATA"):
-        roots.append(str(Path(os.environ["ADDERQUANT_DATA"]).parent / "checkpoints"))
+    if os.environ.get(DATA_ENV):
+        roots.append(str(Path(os.environ[DATA_ENV]).parent / "checkpoints"))
     roots.append("../shared/checkpoints")
     for root in filter(None, roots):
         path = Path(root) / OFFICIAL_ADDERNET
@@ -62,18 +60,8 @@ def find_official_addernet() -> str | None:
 
 
 def register_importer(name: str, importer: Importer) -> None:
+    """Add (or replace) the importer called ``name``; ``load`` tries importers in registration order."""
     IMPORTERS[:] = [(n, f) for n, f in IMPORTERS if n != name] + [(name, importer)]
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -91,8 +79,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, name: str, kind: str, num
     info = {"model": name, "kind": kind, "num_classes": num_classes,
             "head": getattr(model, "head", None),
             "normalization": {"mean": list(normalization[0]), "std": list(normalization[1])}, **meta}
-    _atomic_write(tensors_path, lambda tmp: save_file(state, tmp, metadata={"format": "adderquant"}))
-    _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2, default=str)))
+    atomic_write(tensors_path, lambda tmp: save_file(state, tmp, metadata={"format": "adderquant"}))
+    atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2, default=str)))
     return tensors_path
 
 
@@ -116,23 +104,9 @@ def strip_prefix(state: dict, prefix: str = "module.") -> dict:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def _import_official_addernet(state: dict, name: str | None, options: dict) -> Checkpoint | None:
-    if not any(k.endswith(".adder") for k in state):
-        return None
-    name = name or "resnet20"
-    mapped = {(k[: -len(".adder")] + ".weight" if k.endswith(".adder") else k): v for k, v in state.items()}
-    num_classes = mapped["fc.weight"].shape[0] if "fc.weight" in mapped else None
-    model = create(name, num_classes=num_classes, kind="adder")
-    load_into(model, mapped, "official AdderNet checkpoint")
-    return Checkpoint(model, name, "adder", model_classes(model), ADDERNET_NORM, "addernet-official")
-
-
 def model_classes(model: nn.Module) -> int:
     fc = model.fc if hasattr(model, "fc") else model.classifier
     return fc.out_features if isinstance(fc, nn.Linear) else fc.out_channels
-
-
-register_importer("addernet-official", _import_official_addernet)
 
 
 def _read_torch(path: Path, unsafe: bool) -> dict:
@@ -162,8 +136,6 @@ def load(path: str | os.PathLike, name: str | None = None, *, kind: str | None =
         extra = {"head": info["head"]} if info.get("head") else {}
         model = create(info["model"], num_classes=info["num_classes"], kind=info["kind"], **extra)
         if info.get("apot_bits"):  # an APoT model: rebuild its quantized layers, then load thresholds too
-            from ..quant.apot_layers import apot_quantize
-
             model = apot_quantize(model, int(info["apot_bits"]), recalibrate_bn=False)
         load_into(model, load_file(tensors_path), str(tensors_path))
         norm = info["normalization"]
@@ -184,6 +156,3 @@ def load(path: str | os.PathLike, name: str | None = None, *, kind: str | None =
     load_into(model, state, str(p))
     norm = options.get("normalization", ADDERNET_NORM)
     return Checkpoint(model, name, kind, model_classes(model), norm, "state_dict", {"source": str(p)})
-
-# The APoT importer registers itself; imported last so that it sees this module's names (no cycle).
-from ..quant import apot_import as _apot_import  # noqa: E402, F401

@@ -1,9 +1,7 @@
 """Importer for the APoT authors' CIFAR ResNet checkpoints (``apot-resnet20-cifar10-{fp32,4bit}.pth.tar``).
 
-Registered as ``"apot"`` with :func:`adderquant.models.checkpoint.register_importer`;
-``models/checkpoint.py`` imports this module on its last line, so ``checkpoint.load`` always knows the
-format. (No cycle: this module needs only names that ``checkpoint.py`` has defined by then, and the
-``adderquant.quant`` package does not import ``adderquant.models``.)
+Registered as ``"apot"`` by the ``adderquant.checkpoints`` package ``__init__`` (after the official
+AdderNet importer), so ``checkpoints.load`` always knows the format.
 
 Detection (the state_dict after the loader has stripped ``module.``):
 
@@ -32,8 +30,9 @@ from torch import nn
 
 from ..data.normalization import CIFAR_APOT_NORM  # ((0.491, 0.482, 0.447), (0.247, 0.243, 0.262))
 from ..models import REGISTRY, create
-from ..models.checkpoint import Checkpoint, load_into, register_importer
-from .apot_layers import LAYER_BITS, apot_quantize
+from ..quant.apot_layers import LAYER_BITS, apot_quantize
+from ..utils import check_bits
+from .core import Checkpoint, load_into
 
 ALPHA_SUFFIXES = (".act_alpha", ".weight_quant.wgt_alpha")
 
@@ -54,15 +53,10 @@ def _depth(state: dict) -> int:
 
 
 def _check_bits(bits) -> int | None:
+    """``None`` for the fp32 file (``bits`` omitted or 32), else ``bits`` checked against 2..6."""
     if bits is None or bits == 32:
         return None
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise ValueError(f"APoT checkpoint: bits must be an int in {LAYER_BITS[0]}..{LAYER_BITS[1]}, "
-                         f"got {bits!r}")
-    if not LAYER_BITS[0] <= bits <= LAYER_BITS[1]:
-        raise ValueError(f"APoT checkpoint: bits must be in {LAYER_BITS[0]}..{LAYER_BITS[1]} (or 32 for the "
-                         f"fp32 file), got {bits}")
-    return bits
+    return check_bits(bits, *LAYER_BITS, what="APoT checkpoint: bits (or 32 for the fp32 file)")
 
 
 def import_apot(state: dict, name: str | None, options: dict) -> Checkpoint | None:
@@ -110,7 +104,5 @@ def _fill_missing_alphas(model: nn.Module, state: dict) -> dict:
     own = model.state_dict()
     return {**{k: v for k, v in own.items() if k.endswith(ALPHA_SUFFIXES) and k not in state}, **state}
 
-
-register_importer("apot", import_apot)
 
 __all__ = ["CIFAR_APOT_NORM", "import_apot"]

@@ -1,0 +1,306 @@
+"""BatchNorm re-estimation after PTQ (``QuantConfig.bn_recalibration``) and the authors' preset
+(``QuantConfig.authors``: unsigned activations, double-step signed weights, per-batch r_x), checked
+against direct float64 formulas, brute-force sorts and the integer path."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from adderquant.data import normalize
+from adderquant.data.augment import crop_flip
+from adderquant.models.resnet_cifar import CifarResNet
+from adderquant.nn import AdderConv2d
+from adderquant.quant import QuantAdderConv2d, QuantConfig, preset, quantize
+from adderquant.quant.bn import reestimate_bn
+from adderquant.quant.config import METHODS
+from adderquant.quant.first_last import QuantFirstLast
+from adderquant.quant.observers import AbsRangeObserver, batch_percentile_index
+from adderquant.quant.ptq import calibrate, layer_parameters
+from test_integer import NORM, _bn_calibrated, _check_model
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def _spread_adder_weights(model: nn.Module, factors=(1.0, 8.0, 30.0, 80.0)) -> nn.Module:
+    """Scale each adder layer's output channels by one of ``factors`` (in four channel blocks), so that
+    some groups' max|W| lie below the activation range r_x and some above (both branches of the rule)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, AdderConv2d):
+                block = torch.arange(m.weight.shape[0]) * len(factors) // m.weight.shape[0]
+                m.weight.mul_(torch.tensor(factors)[block].view(-1, 1, 1, 1))
+    return model
+
+
+def _tiny(images, seed=0):
+    torch.manual_seed(seed)
+    return _bn_calibrated(_spread_adder_weights(CifarResNet(8)), images)
+
+
+# --------------------------------------------------------------------------- BatchNorm re-estimation
+
+
+def _record_bn_inputs(model):
+    """Hooks recording every BatchNorm's input and the model's input batches."""
+    store = {"model": []}
+    handles = [model.register_forward_pre_hook(lambda _m, inp: store["model"].append(inp[0].detach().clone()))]
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            store[name] = []
+            handles.append(m.register_forward_pre_hook(
+                lambda _m, inp, name=name: store[name].append(inp[0].detach().double().clone())))
+    return store, handles
+
+
+def test_bn_reestimation_equals_the_statistics_of_all_its_batches(images):
+    model = _tiny(images)
+    calib = normalize(images, *NORM)
+    base = quantize(model, calib, QuantConfig.paper(4)).model
+    q = copy.deepcopy(base)
+    modes = [m.training for m in q.modules()]
+    store, handles = _record_bn_inputs(q)
+    assert reestimate_bn(q, calib, 5, momentum=None, batch_size=4) == 5
+    for h in handles:
+        h.remove()
+    assert [m.training for m in q.modules()] == modes  # every module's mode restored
+    # float64 reference: mean and unbiased variance of the concatenated inputs of each BatchNorm
+    for name, m in q.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            x = torch.cat(store[name])
+            assert x.shape[0] == 5 * 4
+            mean = x.mean((0, 2, 3))
+            var = x.var((0, 2, 3), unbiased=True)
+            torch.testing.assert_close(m.running_mean.double(), mean, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(m.running_var.double(), var, rtol=1e-6, atol=1e-6)
+            assert not torch.allclose(m.running_var, base.get_submodule(name).running_var)
+    # the batches: full, drawn from the calibration images, each a 4-pad crop (pad 0 = normalised mean)
+    # with a horizontal flip or not
+    crops = {}
+    for dy, dx, f in itertools.product(range(9), range(9), (False, True)):
+        n = len(calib)
+        crops[(dy, dx, f)] = crop_flip(calib, torch.full((n,), dy), torch.full((n,), dx),
+                                       torch.full((n,), f), 4)
+    for xb in store["model"]:
+        assert xb.shape == (4, 3, 32, 32)
+        for img in xb:
+            assert any(torch.equal(img, c[i]) for c in crops.values() for i in range(len(calib)))
+    # the same through the config, and deterministic
+    r = quantize(model, calib, QuantConfig.paper(4, bn_recalibration=5, bn_batch_size=4))
+    assert not any(m.training for m in r.model.modules())  # evaluation mode after the re-estimation
+    for name, m in r.model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert torch.equal(m.running_mean, q.get_submodule(name).running_mean)
+            assert torch.equal(m.running_var, q.get_submodule(name).running_var)
+
+
+def test_bn_reestimation_ema_follows_pytorch_momentum(images):
+    model = _tiny(images, seed=1)
+    calib = normalize(images, *NORM)
+    q = quantize(model, calib, QuantConfig.ours(4)).model
+    start = {n: (m.running_mean.double().clone(), m.running_var.double().clone())
+             for n, m in q.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    store, handles = _record_bn_inputs(q)
+    reestimate_bn(q, calib, 3, momentum=0.1, batch_size=3)
+    for h in handles:
+        h.remove()
+    for name, (mean, var) in start.items():
+        for x in store[name]:
+            mean = 0.9 * mean + 0.1 * x.mean((0, 2, 3))
+            var = 0.9 * var + 0.1 * x.var((0, 2, 3), unbiased=True)
+        m = q.get_submodule(name)
+        torch.testing.assert_close(m.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.running_var.double(), var, rtol=1e-5, atol=1e-6)
+        assert m.momentum is None  # restored (the fixture's BatchNorms use None)
+
+
+def test_bn_reestimation_keeps_the_model_exportable(images):
+    model = _tiny(images, seed=2)
+    config = QuantConfig.paper(4, quantize_first_last=True, bn_recalibration=4, bn_batch_size=4)
+    q = quantize(model, normalize(images, *NORM), config).model
+    _check_model(q, images, numpy_images=2)
+
+
+@pytest.mark.parametrize("kw", [{"bn_recalibration": -1}, {"bn_recalibration": 1.5}, {"bn_batch_size": 1},
+                                {"bn_momentum": 0.0}, {"bn_momentum": 1.5}, {"bn_momentum": -0.1}])
+def test_bad_bn_options_are_refused(kw):
+    with pytest.raises(ValueError, match="bn_"):
+        QuantConfig.paper(4, **kw)
+    with pytest.raises(ValueError, match="bn_"):
+        preset("authors", 4, **kw)
+    with pytest.raises(ValueError, match="bn_"):
+        reestimate_bn(nn.BatchNorm2d(2), torch.zeros(4, 2, 3, 3), kw.get("bn_recalibration", 1),
+                      momentum=kw.get("bn_momentum"), batch_size=kw.get("bn_batch_size", 2))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_calibration_data_is_refused(images, bad):
+    model = _tiny(images)
+    calib = normalize(images, *NORM)
+    calib[3, 1, 5, 7] = bad
+    for config in (QuantConfig.paper(4), QuantConfig.authors(4, bn_recalibration=1, bn_batch_size=2)):
+        with pytest.raises(ValueError, match="NaN/inf"):
+            quantize(model, calib, config)
+        with pytest.raises(ValueError, match="NaN/inf"):
+            calibrate(model, [(calib[:3], None), (calib[3:], None)], config)
+
+
+def test_the_presets_and_the_cli_know_the_authors_method():
+    assert "authors" in METHODS
+    c = preset("authors", 4)
+    assert c == QuantConfig.authors(4) and c.method == "authors" and c.weight_grid == "double_step"
+    assert (c.bn_recalibration, c.bn_momentum, c.act_clamp_mode, c.alpha, c.clamp_to) == (
+        200, 0.1, "batch_max", 0.9997, "range")
+    assert not c.quantize_first_last
+    assert QuantConfig.paper(4).bn_recalibration == 0 and QuantConfig.ours(4).weight_grid == "shared"
+    assert QuantConfig.qssf("best", 4, bn_recalibration=3).bn_recalibration == 3
+    from adderquant.cli import _quantize_run, build_parser
+
+    args = build_parser().parse_args(["quantize", "--method", "authors", "--bn-recalibration", "7"])
+    assert _quantize_run(args).quant.bn_recalibration == 7
+
+
+def test_cli_refuses_negative_bn_recalibration_before_any_work(capsys, tmp_path, monkeypatch):
+    from adderquant.cli import main
+
+    monkeypatch.setattr("adderquant.cli._data", lambda args: pytest.fail("data was loaded before the check"))
+    assert main(["quantize", "--checkpoint", str(tmp_path / "never-read.pth"), "--bn-recalibration", "-2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bn_recalibration must be an integer ≥ 0" in err, err
+
+
+# ------------------------------------------------------------------------------- the authors' preset
+
+
+def test_per_batch_percentile_index_matches_a_brute_force_sort():
+    rng = np.random.default_rng(0)
+    for n in [1, 2, 3, 7, 100, 3333, 10_000, 65_536, 123_457]:
+        want = int((round(n * 0.9997) - 1) * 0.9997)
+        assert batch_percentile_index(n, 0.9997) == min(n - 1, max(0, want))
+    obs = AbsRangeObserver(0.9997, batch_alpha=0.9997)
+    values = []
+    for n in (5000, 12_345, 777):  # three batches
+        x = torch.from_numpy(rng.standard_normal(n).astype(np.float32) * rng.uniform(0.5, 3))
+        obs.observe(x.view(1, -1))
+        a = np.sort(np.abs(x.numpy().astype(np.float64)))
+        values.append(a[int((round(n * 0.9997) - 1) * 0.9997)])
+    assert obs.batch_max == max(values)
+    assert obs.range(True, "batch_max") == max(values)
+    with pytest.raises(ValueError, match="batch_max"):
+        AbsRangeObserver(0.999).range(True, "batch_max")
+
+
+def test_calibration_takes_the_running_max_over_128_image_batches(images):
+    model = _tiny(images)
+    calib = normalize(images[torch.arange(300) % 6], *NORM) + 0.01 * torch.randn(300, 3, 32, 32,
+                                                                                   generator=torch.Generator().manual_seed(3))
+    name = "layer2.0.conv1"
+    seen = []
+    h = model.get_submodule(name).register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().clone()))
+    obs = calibrate(model, calib, QuantConfig.authors(4))
+    h.remove()
+    assert [x.shape[0] for x in seen] == [128, 128, 44]
+    want = max(float(np.sort(x.abs().double().flatten().numpy())[batch_percentile_index(x.numel(), 0.9997)])
+               for x in seen)
+    assert obs[name].batch_max == want
+
+
+def _authors_reference(w: torch.Tensor, x: torch.Tensor, r_x: float, group_of: torch.Tensor, bits: int):
+    """The authors' layer by its formulas in float64: per group r = r_x if max|W_g| > r_x (weights
+    clamped to [−r_x, r_x], the excess into the bias), else r = max|W_g|."""
+    w, x = w.double(), x.double()
+    n = 2**bits - 1
+    out, accs, codes = [], [], torch.empty_like(w)
+    for c in range(w.shape[0]):
+        g = group_of[c]
+        r_w = float(w[group_of == g].abs().max())
+        r = r_x if r_w > r_x else r_w
+        wc = w[c].clamp(-r_x, r_x) if r_w > r_x else w[c]
+        bias = -float((w[c].abs() - r_x).clamp_min(0).sum()) if r_w > r_x else 0.0
+        w_q = torch.clamp(torch.round(wc * n / (2 * r)), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        a_q = torch.clamp(torch.round(x * n / r), 0, n)
+        codes[c] = w_q
+        a_hat, w_hat = a_q * r / n, w_q * 2 * r / n
+        cols = nn.functional.unfold(a_hat, w.shape[2:], padding=1)  # (N, C·k·k, P)
+        y = -(cols - w_hat.flatten()[None, :, None]).abs().sum(1) + bias
+        out.append(y.view(x.shape[0], x.shape[2], x.shape[3]))
+        acc = -(nn.functional.unfold(a_q, w.shape[2:], padding=1) - 2 * w_q.flatten()[None, :, None]).abs().sum(1)
+        accs.append(acc.view(x.shape[0], x.shape[2], x.shape[3]))
+    return torch.stack(out, 1), torch.stack(accs, 1), codes
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_authors_grids_and_group_rule_match_the_formulas(bits):
+    g = torch.Generator().manual_seed(bits)
+    cout, cin = 16, 6
+    scale = torch.tensor([0.3, 0.5, 4.0, 9.0]).repeat_interleave(4).view(-1, 1, 1, 1)  # 4 clear magnitude groups
+    w = (torch.rand(cout, cin, 3, 3, generator=g) * 2 - 1) * scale
+    w[:, 0, 0, 0] = scale.flatten()  # each block's max|W| is its scale
+    x = torch.rand(2, cin, 5, 5, generator=g) * 2.5
+    r_x = 2.0
+    config = QuantConfig.authors(bits)
+    w_c, group_of, ranges, bias = layer_parameters(w, r_x, config, signed=True)
+    # 4 groups by max|W| (k-means-optimal on the four blocks); r = max|W_g| below r_x, r_x above
+    assert torch.equal(group_of, torch.arange(cout) // 4)
+    assert ranges.tolist() == pytest.approx([0.3, 0.5, 2.0, 2.0])
+    assert float(w_c.abs().max()) <= r_x
+    torch.testing.assert_close(bias.double(), -(w.double().abs() - r_x).clamp_min(0).flatten(1).sum(1))
+    assert torch.equal(bias[:8], torch.zeros(8, dtype=bias.dtype))
+    layer = QuantAdderConv2d(w_c, 1, 1, 1, bits=bits, group_of=group_of, ranges=ranges, clamp_bias=bias,
+                             signed=False, weight_grid="double_step").eval()
+    want, want_acc, codes = _authors_reference(w, x, r_x, group_of, bits)
+    assert torch.equal(layer.int_weight().double(), codes)
+    assert torch.equal(layer.acc_weight(), 2 * layer.int_weight())
+    assert layer.acc_weight_bounds() == (-(2**bits), 2**bits - 2)
+    with torch.no_grad():
+        got = layer(x.double())
+    s = layer.channel_scales().double().view(1, -1, 1, 1)  # float32 steps r_j/(2^b−1)
+    acc = (got - layer.clamp_bias.double().view(1, -1, 1, 1)) / s
+    assert torch.equal(acc.round(), want_acc) and float((acc - acc.round()).abs().max()) < 1e-6
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)  # ŵ, â with float32 steps
+    with pytest.raises(ValueError, match="double_step"):
+        QuantAdderConv2d(w_c, 1, 1, 1, bits=bits, group_of=group_of, ranges=ranges, clamp_bias=bias,
+                         signed=True, weight_grid="double_step")
+
+
+def test_authors_preset_builds_the_authors_layers(images):
+    model = _tiny(images)
+    calib = normalize(images, *NORM)
+    r = quantize(model, calib, QuantConfig.authors(4, bn_recalibration=2, bn_batch_size=3))
+    layers = [m for m in r.model.modules() if isinstance(m, QuantAdderConv2d)]
+    assert layers and all(m.weight_grid == "double_step" and not m.signed for m in layers)
+    assert not any(isinstance(m, QuantFirstLast) for m in r.model.modules())  # first/last: full precision
+    below = above = 0
+    for name, info in r.layers.items():  # r = min(max|W_g|, r_x) per group, both cases present
+        m = r.model.get_submodule(name)
+        r_w = [float(model.get_submodule(name).weight.detach()[m.group_of == j].abs().max()) for j in range(m.groups)]
+        assert info["ranges"] == pytest.approx([min(v, info["r_x"]) for v in r_w], rel=1e-6)
+        below += sum(v < info["r_x"] for v in r_w)
+        above += sum(v > info["r_x"] for v in r_w)
+    assert below and above
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_authors_preset_exports_bit_exact(images, bits):
+    model = _tiny(images, seed=bits)
+    config = QuantConfig.authors(bits, quantize_first_last=True, bn_recalibration=3, bn_batch_size=4)
+    q = quantize(model, normalize(images, *NORM), config).model
+    g, _ = _check_model(q, images, numpy_images=2)
+    adders = [n for n in g.nodes if n["op"] == "adder"]
+    assert len(adders) == 8 and all(n["attrs"]["weight_grid"] == "double_step" for n in adders)
+    assert all((n["attrs"]["qmin"], n["attrs"]["qmax"]) == (0, 2**bits - 1) for n in adders)
+    for node in adders:
+        w = g.tensors[node["params"]["weight"]]
+        assert w.dtype == (np.int8 if bits == 4 else np.int16)
+        assert w.min() >= -(2**bits) and w.max() <= 2**bits - 2 and (w % 2 == 0).all()
+        mod = q.get_submodule(node["name"])
+        np.testing.assert_array_equal(w, (2 * mod.int_weight()).to(torch.int64).numpy())
+    assert any(g.tensors[n["params"]["weight"]].min() < 0 for n in adders)  # signed weights reach the graph
