@@ -41,10 +41,11 @@ DEVICE = "cuda"  # a dry run of this script's logic on CPU (interpreter) sets th
 
 def sass_report() -> list[dict]:
     from adderquant.kernels import triton_adder as ta
+    from adderquant.kernels import triton_sass
 
     if ta.INTERPRET or ta.BACKEND is None:
         raise SystemExit("--sass needs triton and must run without TRITON_INTERPRET")
-    return ta.sass_report(log=lambda line: print(line, flush=True))
+    return triton_sass.sass_report(log=lambda line: print(line, flush=True))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -338,11 +338,11 @@ def test_kernels_compile_for_sm90_offline():
     No register spills; the vabsdiff4 path really is VABSDIFF4.U8; the sat clamp really is a
     saturating FADD/FFMA; the forward's inner loop stays mostly FADDs (the layout the kernel relies on).
     """
-    from adderquant.kernels import triton_adder as ta
+    from adderquant.kernels import triton_sass
 
     only = {"forward fp32", "int8 vabsdiff4", "grad_input sat", "grad_weight"}
     try:
-        rows = ta.sass_report(first_config_only=True, only=only)
+        rows = triton_sass.sass_report(first_config_only=True, only=only)
     except (FileNotFoundError, RuntimeError) as e:
         pytest.skip(f"no offline sm_90 toolchain: {e}")
     by = {r["kernel"]: r for r in rows}

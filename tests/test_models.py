@@ -81,6 +81,34 @@ def test_untrusted_pickles_need_opt_in(tmp_path):
     assert checkpoints.load(path, "resnet20", kind="adder", unsafe=True).format == "state_dict"
 
 
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_broken_files_are_never_offered_unsafe_loading(tmp_path, damage):
+    """A damaged file is reported as damaged; only a sound pickle of foreign objects mentions the opt-in."""
+    path = tmp_path / "model.pth"
+    torch.save(models.create("resnet20").state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(4096))
+    with pytest.raises(ValueError, match="damaged or not a PyTorch checkpoint") as err:
+        checkpoints.load(path, "resnet20", kind="adder")
+    assert "unsafe" not in str(err.value)
+
+
+def test_broken_adderquant_checkpoints_fail_in_one_line(tmp_path):
+    model = models.create("resnet20")
+    path = checkpoints.save(model, tmp_path / "m", name="resnet20", kind="adder", num_classes=10,
+                            normalization=((0.5,) * 3, (0.25,) * 3))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="damaged or not a safetensors file"):
+        checkpoints.load(path)
+    meta = path.with_suffix(".json")
+    meta.write_text(json.dumps({"kind": "adder"}))
+    with pytest.raises(ValueError, match="lacks"):
+        checkpoints.load(path)
+    with pytest.raises(TypeError, match="str or os.PathLike"):
+        checkpoints.load(None)
+
+
 def test_save_load_round_trip_with_metadata(tmp_path):
     model = models.create("resnet20", kind="conv", head="linear")
     norm = ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))

@@ -42,3 +42,9 @@ def test_readme_markers_are_required():
 
     with pytest.raises(SystemExit, match="markers"):
         _module().readme_with("# no markers here", "block")
+
+
+def test_readme_ptq_table_and_presets_md_match_the_committed_results():
+    script = ROOT / "scripts" / "ptq_presets.py"
+    result = subprocess.run([sys.executable, str(script), "--markdown-only", "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

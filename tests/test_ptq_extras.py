@@ -304,3 +304,95 @@ def test_authors_preset_exports_bit_exact(images, bits):
         mod = q.get_submodule(node["name"])
         np.testing.assert_array_equal(w, (2 * mod.int_weight()).to(torch.int64).numpy())
     assert any(g.tensors[n["params"]["weight"]].min() < 0 for n in adders)  # signed weights reach the graph
+
+
+# --------------------------------------------------------------------------- BatchNorm correction
+
+
+def _bn_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every BatchNorm's input on ``x``, float64 (an independent hook, not the library's)."""
+    seen, handles = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            handles.append(m.register_forward_pre_hook(
+                lambda _m, inp, name=name: seen.__setitem__(name, inp[0].detach().double())))
+    with torch.no_grad():
+        model.eval()(x)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["mean", "mean_var"])
+def test_bn_correction_moves_each_batchnorm_by_the_quantization_shift(images, mode):
+    """After the correction, each BatchNorm normalises the quantized model's calibration inputs to the
+    same per-channel mean (and, for mean_var, spread) as the float model's BatchNorm does its own."""
+    fp = _tiny(images)
+    calib = normalize(images, *NORM)
+    plain = quantize(fp, calib, QuantConfig.paper(3, unsigned_activations=True)).model
+    fixed = quantize(fp, calib, QuantConfig.paper(3, unsigned_activations=True, bn_correction=mode)).model
+    ins_fp, ins_q = _bn_inputs(fp, calib), _bn_inputs(fixed, calib)
+    bns_fp, bns_q = dict(fp.named_modules()), dict(fixed.named_modules())
+    moved = 0
+    for name, x_f in ins_fp.items():
+        x_q = ins_q[name]
+        dims = [0, 2, 3]
+        bf, bq = bns_fp[name], bns_q[name]
+        sig_f = (bf.running_var.double() + bf.eps).sqrt()
+        sig_q = (bq.running_var.double() + bq.eps).sqrt()
+        z_f = (x_f.mean(dims) - bf.running_mean.double()) / sig_f
+        z_q = (x_q.mean(dims) - bq.running_mean.double()) / sig_q
+        # the running statistics are float32 buffers: agreement up to their rounding
+        tol = 8 * torch.finfo(torch.float32).eps * float(x_f.abs().max().clamp_min(1))
+        if mode == "mean":  # classic bias correction: the same mean offset, the variance untouched
+            torch.testing.assert_close(x_q.mean(dims) - bq.running_mean.double(),
+                                       x_f.mean(dims) - bf.running_mean.double(), rtol=0, atol=tol)
+            torch.testing.assert_close(bq.running_var, bf.running_var)
+        else:
+            torch.testing.assert_close(z_q, z_f, rtol=1e-5, atol=tol / float(sig_f.min()))
+            torch.testing.assert_close(x_q.std(dims, unbiased=False) / sig_q, x_f.std(dims, unbiased=False) / sig_f,
+                                       rtol=1e-5, atol=1e-6)
+        moved += not torch.equal(bq.running_mean, dict(plain.named_modules())[name].running_mean)
+    assert moved > 0  # quantization did shift something, and the correction acted on it
+
+
+def test_bn_correction_keeps_the_model_exportable(images):
+    fp = _tiny(images)
+    q = quantize(fp, normalize(images, *NORM), QuantConfig.ours(4, quantize_first_last=True)).model
+    _check_model(q, images[:2], numpy_images=1)
+
+
+# ------------------------------------------------------------------------------------ range search
+
+
+def test_range_search_returns_the_brute_force_minimiser(images):
+    """For each layer, the chosen r_x is the candidate whose rebuilt quantized layer has the smallest
+    output MSE — recomputed here by building every candidate layer through the public config path."""
+    from adderquant.quant.ptq import _adder_inputs, _quant_layer
+
+    fp = _tiny(images)
+    calib = normalize(images, *NORM)
+    config = QuantConfig.paper(3, unsigned_activations=True, range_search=True, range_alphas=(0.9, 0.99, 1.0))
+    result = quantize(fp, calib, config)
+    obs = calibrate(fp, calib, config, min_alpha=0.9)
+    inputs = _adder_inputs(fp, calib, config.range_search_images)
+    for name, stats in result.layers.items():
+        layer, o = fp.get_submodule(name), obs[name]
+        candidates = {a: (o.percentile(a) if a < 1 else o.max) for a in config.range_alphas}
+        with torch.no_grad():
+            errs = {a: float((_quant_layer(layer, r, config, stats["signed"]).eval()(inputs[name])
+                              - layer(inputs[name])).square().mean()) for a, r in candidates.items()}
+        best = min(errs, key=errs.get)
+        assert stats["r_x"] == candidates[best]
+        assert stats["range_search"] == pytest.approx(errs)
+
+
+def test_range_search_options_are_checked():
+    with pytest.raises(ValueError, match="at least one candidate"):
+        QuantConfig.paper(4, range_search=True, range_alphas=())
+    with pytest.raises(ValueError, match=r"range_alphas must lie in \(0, 1\]"):
+        QuantConfig.paper(4, range_search=True, range_alphas=(0.5, 1.5))
+    with pytest.raises(ValueError, match="choose one"):
+        QuantConfig.paper(4, bn_correction="mean", bn_recalibration=10)
+    with pytest.raises(ValueError, match="bn_correction"):
+        QuantConfig.paper(4, bn_correction="median")

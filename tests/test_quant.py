@@ -214,7 +214,7 @@ def test_qat_steps_reduce_loss_with_ste():
     ds = Dataset("toy", x, y, x[:32], y[:32], ["0", "1", "2", "3"], "memory")
     model = _tiny_adder_net()
     norm = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    q = quantize(model, (x.float() / 255 - 0.5) / 0.25).model
+    q = quantize(model, (x.float() / 255 - 0.5) / 0.25, QuantConfig.paper(4)).model
     w0 = [m.weight.detach().clone() for m in q.modules() if isinstance(m, QuantAdderConv2d)]
     log = qat(q, ds, norm, QATConfig(epochs=3, lr=0.05, batch_size=16), progress=False)
     assert len(log) == 3 and log[-1]["train_loss"] < log[0]["train_loss"]
@@ -232,7 +232,7 @@ def test_qat_gradient_cap_bounds_every_step():
     ds = Dataset("toy", x, y, x[:16], y[:16], ["0", "1", "2", "3"], "memory")
     norm = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     for cap, bounded in ((1e-3, True), (None, False)):
-        q = quantize(_tiny_adder_net(), (x.float() / 255 - 0.5) / 0.25).model
+        q = quantize(_tiny_adder_net(), (x.float() / 255 - 0.5) / 0.25, QuantConfig.paper(4)).model
         before = torch.cat([p.detach().flatten().clone() for p in q.parameters()])
         qat(q, ds, norm, QATConfig(epochs=1, lr=0.5, momentum=0.0, weight_decay=0.0, batch_size=32, max_steps=1,
                                    clip_grad_norm=cap), progress=False)

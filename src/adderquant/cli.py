@@ -229,7 +229,8 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
                    help=f"checkpoint (default: the official AdderNet ResNet-20 under ${CHECKPOINTS_ENV} "
                         "or ../shared/checkpoints)")
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--method", default="paper", choices=METHODS)
+    p.add_argument("--method", default="ours", choices=METHODS,
+                   help="ours (default: the best preset measured), paper, authors, paper-unsigned, qssf …")
     p.add_argument("--groups", type=int, default=None, help="groups of output channels (default 4)")
     p.add_argument("--alpha", type=float, default=None, help="outlier percentile α (default 0.999)")
     p.add_argument("--calib-size", type=int, default=1024, help="calibration images from the training split")

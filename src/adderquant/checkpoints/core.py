@@ -112,9 +112,12 @@ def model_classes(model: nn.Module) -> int:
 def _read_torch(path: Path, unsafe: bool) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not unsafe)
-    except Exception as err:  # torch raises UnpicklingError or RuntimeError for foreign objects
-        hint = "" if unsafe else " (it may hold non-tensor objects: pass unsafe=True / --unsafe-load to trust it)"
-        raise ValueError(f"cannot read {path} as a PyTorch checkpoint: {err}{hint}") from err
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError … for bad files
+        if not unsafe and "Unsupported global" in str(err):  # a sound pickle holding non-tensor objects
+            raise ValueError(f"{path} holds Python objects besides tensors, which are not loaded without opt-in: "
+                             "pass unsafe=True / --unsafe-load only if you trust who wrote the file") from err
+        first = " ".join(str(err).split())[:200]
+        raise ValueError(f"{path} is damaged or not a PyTorch checkpoint ({type(err).__name__}: {first})") from err
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -125,6 +128,8 @@ def _read_torch(path: Path, unsafe: bool) -> dict:
 def load(path: str | os.PathLike, name: str | None = None, *, kind: str | None = None,
          unsafe: bool = False, **options) -> Checkpoint:
     """Load any supported checkpoint; ``name``/``kind`` are needed only for bare state_dicts."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"checkpoint path must be a str or os.PathLike, got {type(path).__name__}")
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {p}")
@@ -132,12 +137,23 @@ def load(path: str | os.PathLike, name: str | None = None, *, kind: str | None =
         tensors_path, meta_path = _paths(p)
         if not meta_path.exists():
             raise FileNotFoundError(f"{tensors_path} has no metadata file {meta_path}")
-        info = json.loads(meta_path.read_text())
+        try:
+            info = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{meta_path} is not valid JSON ({err})") from err
+        missing = [k for k in ("model", "kind", "num_classes", "normalization") if not isinstance(info, dict)
+                   or k not in info]
+        if missing:
+            raise ValueError(f"{meta_path} is not an adderquant checkpoint sidecar: it lacks {missing}")
         extra = {"head": info["head"]} if info.get("head") else {}
         model = create(info["model"], num_classes=info["num_classes"], kind=info["kind"], **extra)
         if info.get("apot_bits"):  # an APoT model: rebuild its quantized layers, then load thresholds too
             model = apot_quantize(model, int(info["apot_bits"]), recalibrate_bn=False)
-        load_into(model, load_file(tensors_path), str(tensors_path))
+        try:
+            tensors = load_file(tensors_path)
+        except Exception as err:  # safetensors raises its own SafetensorError for a truncated or foreign file
+            raise ValueError(f"{tensors_path} is damaged or not a safetensors file ({err})") from err
+        load_into(model, tensors, str(tensors_path))
         norm = info["normalization"]
         return Checkpoint(model, info["model"], info["kind"], info["num_classes"],
                           (tuple(norm["mean"]), tuple(norm["std"])), "adderquant", info)

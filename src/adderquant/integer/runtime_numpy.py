@@ -74,7 +74,10 @@ def parse_aqz(data: bytes, source: str = "<bytes>") -> AQZ:
     if magic != MAGIC:
         raise ValueError(f"{source}: bad magic bytes {bytes(magic)!r}: not an .aqz file")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{source}: unsupported format version {version} (this runtime reads {FORMAT_VERSION})")
+        if 0 < version <= FORMAT_VERSION + 16:  # plausibly a real, newer (or older) format
+            raise ValueError(f"{source}: unsupported format version {version} (this runtime reads {FORMAT_VERSION})")
+        raise ValueError(f"{source}: corrupted header: its version field reads {version} (the header itself "
+                         "carries no checksum; the file is damaged)")
     if flags != 0:
         raise ValueError(f"{source}: unknown header flags {flags:#x}")
     actual = len(data) - HEADER_SIZE

@@ -17,11 +17,11 @@ def quantize(model: nn.Module, calib, config: QuantConfig | APoTConfig | None = 
     """Quantized copy of ``model`` calibrated on ``calib`` (normalised images: a tensor, or an iterable
     of tensors / ``(x, y)`` batches such as a ``DataLoader``); ``model`` itself is left untouched.
 
-    ``config`` defaults to the paper's method at 4 bits (``QuantConfig.paper(4)``); ``QuantConfig.ours(b)``,
-    ``QuantConfig.qssf("best", b)`` (scored on ``labels`` when given) and ``APoTConfig(b)`` select the
-    other workflows. Returns a :class:`QuantResult`: ``.model`` is the quantized network.
+    ``config`` defaults to the best preset at 4 bits (``QuantConfig.ours(4)``); ``QuantConfig.paper(b)``,
+    ``QuantConfig.authors(b)``, ``QuantConfig.qssf("best", b)`` (scored on ``labels`` when given) and
+    ``APoTConfig(b)`` select the others. Returns a :class:`QuantResult`: ``.model`` is the quantized network.
     """
-    config = QuantConfig.paper(4) if config is None else config
+    config = QuantConfig.ours(4) if config is None else config
     if isinstance(config, APoTConfig):
         from .apot_layers import apot_quantize
 

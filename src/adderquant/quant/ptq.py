@@ -23,6 +23,7 @@ from .config import QuantConfig
 from .first_last import QuantFirstLast
 from .grouping import group_channels
 from .observers import AbsRangeObserver
+from .rounding import learn_rounding
 from .uniform import int_range, scale_for_range
 
 
@@ -34,6 +35,7 @@ class QuantResult:
     config: QuantConfig  # as applied (for QSSF 'best': the winning variant)
     layers: dict[str, dict] = field(default_factory=dict)  # per adder layer: r_x, signed, group ranges …
     calibration_scores: dict[str, float] | None = None  # QSSF 'best': each variant's calibration score
+    rounding: dict[str, dict] | None = None  # learned_rounding: per block, errors and codes changed
 
 
 def first_last_names(model: nn.Module) -> list[str]:
@@ -173,8 +175,15 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
     ``observers`` from an earlier :func:`calibrate` call skip the calibration pass. QSSF ``best`` builds
     both variants from the same observers and keeps the one that scores better on ``calib`` (by
     ``labels`` when given, else agreement with the full-precision predictions). With
-    ``config.bn_recalibration`` the BatchNorm statistics are then re-estimated on augmented batches of
-    ``calib`` through the quantized copy (:func:`adderquant.quant.bn.reestimate_bn`)."""
+    ``config.learned_rounding`` the adder weights' rounding is then learned block by block
+    (:func:`adderquant.quant.rounding.learn_rounding`). Last, with ``config.bn_recalibration`` the
+    BatchNorm statistics are re-estimated on augmented batches of ``calib`` through the quantized copy
+    (:func:`adderquant.quant.bn.reestimate_bn`), or with ``config.bn_correction`` corrected.
+
+    Learned rounding runs before the BatchNorm options: its target is the float block, BatchNorm
+    included, so it reconstructs with the float model's statistics (the ones the target used), and the
+    BatchNorm step then measures the model whose codes are final — re-estimating or correcting first
+    would be undone by every code the rounding changes afterwards."""
     check_adder_model(model, config)
     check_finite(calib)
     if observers is None:
@@ -202,6 +211,10 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
         else:
             new = QuantFirstLast(module, obs.max, config.first_last_bits)
         set_submodule(q, name, new)
+    rounding = None
+    if config.learned_rounding:  # before the BatchNorm options (docstring)
+        rounding = learn_rounding(q, model, calib, config.learned_rounding, batch_size=config.rounding_batch_size,
+                                  lr=config.rounding_lr, progress=progress)
     if config.bn_recalibration:  # on the quantized model, augmented calibration batches (quant/bn.py)
         reestimate_bn(q, calib, config.bn_recalibration, momentum=config.bn_momentum,
                       batch_size=config.bn_batch_size)
@@ -209,7 +222,7 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
     if config.bn_correction:
         images = calib if isinstance(calib, torch.Tensor) else torch.cat(list(tensor_batches(calib)))
         correct_bn(q, model, images, config.bn_correction)
-    return QuantResult(q, config, stats)
+    return QuantResult(q, config, stats, rounding=rounding)
 
 
 @torch.no_grad()
@@ -226,7 +239,9 @@ def _best_qssf(model: nn.Module, calib, config: QuantConfig, batch_size: int, ob
         variant = QuantConfig.qssf(source, config.bits, quantize_first_last=config.quantize_first_last,
                                    first_last_bits=config.first_last_bits, bn_recalibration=config.bn_recalibration,
                                    bn_momentum=config.bn_momentum, bn_batch_size=config.bn_batch_size,
-                                   bn_correction=config.bn_correction)
+                                   bn_correction=config.bn_correction,
+                                   learned_rounding=config.learned_rounding,
+                                   rounding_batch_size=config.rounding_batch_size, rounding_lr=config.rounding_lr)
         cand = quantize_adder(model, calib, variant, batch_size, observers=observers)
         preds = _predictions(cand.model, calib, batch_size)
         scores[variant.method] = float((preds == target.to(preds.device)).float().mean())
