@@ -107,7 +107,9 @@ def test_quantize_export_needs_no_other_flag(official_addernet, cifar_subset, ca
     out = _last_json(capsys)
     assert rc == 0 and path.exists() and out["config"]["quantize_first_last"] is True
     assert main(["eval", "--checkpoint", str(path), "--data", str(cifar_subset), "--limit", "40", "--json"]) == 0
-    assert _last_json(capsys)["top1"] == out["top1"]
+    # the integers equal the float64 fake-quant model; the float32 one that quantize evaluates may differ
+    # on an image whose top logits its rounding swaps (docs/results/integer_exactness.md): at most one here
+    assert abs(_last_json(capsys)["top1"] - out["top1"]) <= 100 / 40
 
 
 @pytest.mark.parametrize(("extra", "message"), [

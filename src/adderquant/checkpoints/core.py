@@ -116,8 +116,8 @@ def _read_torch(path: Path, unsafe: bool) -> dict:
         if not unsafe and "Unsupported global" in str(err):  # a sound pickle holding non-tensor objects
             raise ValueError(f"{path} holds Python objects besides tensors, which are not loaded without opt-in: "
                              "pass unsafe=True / --unsafe-load only if you trust who wrote the file") from err
-        first = " ".join(str(err).split())[:200]
-        raise ValueError(f"{path} is damaged or not a PyTorch checkpoint ({type(err).__name__}: {first})") from err
+        # torch's own message may advise weights_only=False, which is no remedy for a broken file: left out
+        raise ValueError(f"{path} is damaged or not a PyTorch checkpoint ({type(err).__name__})") from err
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
