@@ -20,6 +20,7 @@ _LAZY = {
     "QuantConfig": ("quant", "QuantConfig"),
     "QuantResult": ("quant", "QuantResult"),
     "create_model": ("models", "create"),
+    "adderize": ("nn", "adderize"),
     "load_checkpoint": ("checkpoints", "load"),
     "save_checkpoint": ("checkpoints", "save"),
 }
@@ -38,5 +39,5 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = ["QuantConfig", "QuantResult", "__version__", "create_model", "load_checkpoint", "quantize",
+__all__ = ["QuantConfig", "QuantResult", "__version__", "adderize", "create_model", "load_checkpoint", "quantize",
            "save_checkpoint", *_SUBPACKAGES]

@@ -373,12 +373,15 @@ def convert(qmodel: nn.Module, normalization, *, input_shape=(3, 32, 32), frac_b
         elif node.op == "call_function" and node.target in (operator.add, torch.add) and not node.kwargs:
             env[node] = b.add(args[0], args[1], label, shape)
         elif (node.op == "call_method" and node.target == "flatten") or (
-                node.op == "call_function" and node.target is torch.flatten):
-            if not _flatten_args(node):
+                node.op == "call_function" and node.target is torch.flatten) or isinstance(mod, nn.Flatten):
+            if not (_flatten_args(node) if mod is None else (mod.start_dim, mod.end_dim) == (1, -1)):
                 raise NotImplementedError(f"{label}: flatten other than flatten(1)")
             env[node] = b.flatten(args[0], label, in_shape, shape)
         else:
-            raise NotImplementedError(f"{label}: no integer lowering for {node.op} {node.target}")
+            target = getattr(node.target, "__name__", node.target)
+            what = type(mod).__name__ if mod is not None else f"{node.op} {target}"
+            raise NotImplementedError(f"module {label!r}: the integer path cannot lower {what} (docs/format.md lists "
+                                      "the ops it lowers)")
     if not isinstance(output, _Acc | _Fx):
         raise NotImplementedError("the model must return one tensor computed from its input")
     out = b.to_fx(output, "logits")

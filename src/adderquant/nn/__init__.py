@@ -2,5 +2,6 @@
 
 from . import functional
 from .adder import AdderConv2d
+from .adderize import adderize
 
-__all__ = ["AdderConv2d", "functional"]
+__all__ = ["AdderConv2d", "adderize", "functional"]
