@@ -419,3 +419,20 @@ def test_real_shared_data(data_root, monkeypatch):
     idx = torch.cat([torch.arange(1017) + 10000 * k for k in range(5)])
     assert torch.equal(sub.x_train, full.x_train[idx]) and torch.equal(sub.y_train, full.y_train[idx])
     assert torch.equal(sub.x_test, full.x_test[:1017])
+
+
+def test_calibration_tensor_reads_an_iterable_no_further_than_needed():
+    from adderquant.data import calibration_tensor
+
+    x = torch.arange(10.0).view(10, 1)
+    read = []
+
+    def loader():
+        for i in range(0, 10, 4):
+            read.append(i)
+            yield x[i:i + 4], torch.zeros(len(x[i:i + 4]))
+
+    assert torch.equal(calibration_tensor(loader(), 5), x[:5]) and read == [0, 4]
+    assert torch.equal(calibration_tensor(loader()), x) and calibration_tensor(x, 3) is not None
+    with pytest.raises(ValueError, match="no calibration images"):
+        calibration_tensor(iter([]))

@@ -4,8 +4,9 @@ ImageFolder trees, a single .npz), batched tensor-side augmentation, and in-memo
 from .augment import normalize, random_crop_flip
 from .dataset import Dataset
 from .load import load_dataset
-from .loader import batches, calibration_indices, calibration_subset, tensor_batches
+from .loader import batches, calibration_indices, calibration_subset, calibration_tensor, tensor_batches
 from .normalization import CIFAR_ADDERNET_NORM, CIFAR_APOT_NORM, IMAGENET_NORM
 
 __all__ = ["Dataset", "load_dataset", "random_crop_flip", "normalize", "batches", "calibration_indices",
-           "calibration_subset", "tensor_batches", "CIFAR_ADDERNET_NORM", "CIFAR_APOT_NORM", "IMAGENET_NORM"]
+           "calibration_subset", "calibration_tensor", "tensor_batches", "CIFAR_ADDERNET_NORM", "CIFAR_APOT_NORM",
+           "IMAGENET_NORM"]

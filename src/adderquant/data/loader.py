@@ -68,3 +68,20 @@ def tensor_batches(calib, batch_size: int = 256, limit: int | None = None, devic
         if limit is not None and i >= limit:
             return
         yield xb if device is None else xb.to(device)
+
+
+def calibration_tensor(calib, limit: int | None = None) -> torch.Tensor:
+    """The calibration images as one tensor: ``calib`` itself (its first ``limit`` images) when it is a
+    tensor, else its batches concatenated, reading no further than ``limit`` images."""
+    if isinstance(calib, torch.Tensor):
+        return calib if limit is None else calib[:limit]
+    taken, count = [], 0
+    for xb in tensor_batches(calib):
+        taken.append(xb)
+        count += len(xb)
+        if limit is not None and count >= limit:
+            break
+    if not taken:
+        raise ValueError("no calibration images: the iterable yielded no batch")
+    images = torch.cat(taken)
+    return images if limit is None else images[:limit]

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import tensor_batches
+from ..data import calibration_tensor, tensor_batches
 from ..nn import AdderConv2d
 from ..utils import hooked, set_submodule
 from .adder_layer import QuantAdderConv2d
 from .bn import correct_bn, reestimate_bn
-from .config import QuantConfig
+from .config import QSSF_OVERRIDES, QuantConfig
 from .first_last import QuantFirstLast
 from .grouping import group_channels
 from .observers import AbsRangeObserver
@@ -143,7 +143,7 @@ def _quant_layer(module: AdderConv2d, r_x: float, config: QuantConfig, signed: b
 @torch.no_grad()
 def _adder_inputs(model: nn.Module, calib, images: int) -> dict[str, torch.Tensor]:
     """The full-precision inputs of every adder layer on the first ``images`` calibration images."""
-    x = calib[:images] if isinstance(calib, torch.Tensor) else torch.cat(list(tensor_batches(calib)))[:images]
+    x = calibration_tensor(calib, images)
     adders = {n: m for n, m in model.named_modules() if isinstance(m, AdderConv2d)}
     seen = {}
     with hooked(model, adders, lambda name, _m, inputs: seen.__setitem__(name, inputs[0].detach())):
@@ -185,10 +185,11 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
     BatchNorm step then measures the model whose codes are final — re-estimating or correcting first
     would be undone by every code the rounding changes afterwards."""
     check_adder_model(model, config)
-    check_finite(calib)
-    if observers is None:
+    if observers is None:  # calibrate checks the images for NaN/inf
         min_alpha = min(config.range_alphas) if config.range_search else None
         observers = calibrate(model, calib, config, batch_size, progress, min_alpha=min_alpha)
+    else:
+        check_finite(calib)
     if config.scale_source == "best":
         return _best_qssf(model, calib, config, batch_size, observers, labels)
     q = copy.deepcopy(model).eval()
@@ -220,8 +221,7 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
                       batch_size=config.bn_batch_size)
         q.eval()
     if config.bn_correction:
-        images = calib if isinstance(calib, torch.Tensor) else torch.cat(list(tensor_batches(calib)))
-        correct_bn(q, model, images, config.bn_correction)
+        correct_bn(q, model, calibration_tensor(calib), config.bn_correction)
     return QuantResult(q, config, stats, rounding=rounding)
 
 
@@ -236,12 +236,7 @@ def _best_qssf(model: nn.Module, calib, config: QuantConfig, batch_size: int, ob
     target = labels if labels is not None else _predictions(model, calib, batch_size)
     best, scores = None, {}
     for source in ("weights", "activations"):
-        variant = QuantConfig.qssf(source, config.bits, quantize_first_last=config.quantize_first_last,
-                                   first_last_bits=config.first_last_bits, bn_recalibration=config.bn_recalibration,
-                                   bn_momentum=config.bn_momentum, bn_batch_size=config.bn_batch_size,
-                                   bn_correction=config.bn_correction,
-                                   learned_rounding=config.learned_rounding,
-                                   rounding_batch_size=config.rounding_batch_size, rounding_lr=config.rounding_lr)
+        variant = QuantConfig.qssf(source, config.bits, **{k: getattr(config, k) for k in QSSF_OVERRIDES})
         cand = quantize_adder(model, calib, variant, batch_size, observers=observers)
         preds = _predictions(cand.model, calib, batch_size)
         scores[variant.method] = float((preds == target.to(preds.device)).float().mean())

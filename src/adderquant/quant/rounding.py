@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import tensor_batches
+from ..data import calibration_tensor, tensor_batches
 from ..models.resnet_cifar import BasicBlock
 from ..models.resnet_imagenet import _Basic, _Bottleneck
 from ..nn.functional import adder_conv2d
@@ -289,7 +289,7 @@ def learn_rounding(qmodel: nn.Module, fp_model: nn.Module, calib, iters: int, *,
     check_rounding_options(iters, batch_size, lr)
     if iters == 0:
         return {}
-    images = calib if isinstance(calib, torch.Tensor) else torch.cat(list(tensor_batches(calib)))
+    images = calibration_tensor(calib)
     try:
         device = next(qmodel.parameters()).device
     except StopIteration:
