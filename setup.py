@@ -20,7 +20,7 @@ setup(
     ext_modules=[
         Extension(
             "adderquant._adder_cpu",
-            sources=["csrc/adder_cpu.c", "csrc/int_ops.c"],
+            sources=["csrc/adder_cpu.c", "csrc/int_ops.c", "csrc/int_net.c"],
             depends=["csrc/aq_common.h"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,

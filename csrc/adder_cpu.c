@@ -7,9 +7,12 @@
  *
  *   aq_forward_f32     Y[n,o,p]  = -sum_k |X_unf[n,k,p] - W[o,k]|                       (float32)
  *   aq_grad_input_f32  dX        = fold( sum_o G[n,o,p] * clamp(W[o,k] - X_unf[n,k,p], -1, 1) )
- *   aq_int_forward     Y[n,o,p]  = -sum_k |X_unf[n,k,p] - W[o,k]|   int8/uint8 in, exact int32 out
+ *
+ * (The integer kernels — aq_int_forward, the network runner — are in int_net.c.)
  *
  * geometry (int64[15]): N, C, H, W, O, KH, KW, SH, SW, PH, PW, DH, DW, HO, WO.
+ * The float kernels also come grouped (aq_forward_f32_g, aq_grad_input_f32_g: groups G as nn.Conv2d,
+ * C and O the whole layer's, weights (O, C/G, KH, KW)); the ungrouped names are G = 1.
  *
  * Float kernels vectorise over output positions. The input is first copied once, zero-padded and
  * split by column phase (so that the positions of an output row are contiguous for any stride;
@@ -22,8 +25,6 @@
  * the same shape with the roles turned: an MR (k) x NR (positions) tile of unfolded inputs stays in
  * registers while it walks the output channels (fmsub, min, max, fma), then the unfolded gradient
  * is folded back (col2im). The weight gradient is not here: it is two matrix products.
- * The int8 kernel packs patches K-contiguous (k order (i, j, c) from an NHWC copy, padded to a
- * multiple of 32 with zeros in both operands) and uses vpsadbw.
  *
  * ISA: no -march flags at build time; AVX2+FMA and AVX-512 (F/BW/VL/DQ) variants are compiled with
  * target attributes and picked at run time with __builtin_cpu_supports; a portable scalar path
@@ -577,15 +578,25 @@ static int64_t block_positions(int64_t P, int64_t N, int64_t per_pos_bytes, int6
 /* ------------------------------------------------------------------------------------------------ */
 /* float32 forward                                                                                  */
 /* ------------------------------------------------------------------------------------------------ */
-AQ_EXPORT int aq_forward_f32(const float *x, const float *w, float *y, const int64_t *geom, int nthreads) {
+/* Grouped layers (groups G > 1, as nn.Conv2d): geometry C and O are the whole layer's channels; output
+ * channels [grp*O/G, (grp+1)*O/G) read input channels [grp*C/G, (grp+1)*C/G) only, with weights
+ * (O, C/G, KH, KW). A work item is (image, group, block of positions); `gg` is one group's geometry
+ * (C/G input and O/G output channels), the padded copy xs is made once for all channels. */
+AQ_EXPORT int aq_forward_f32_g(const float *x, const float *w, float *y, const int64_t *geom, int64_t groups,
+                               int nthreads) {
     const geom_t g = read_geom(geom);
     const int nt = clamp_threads(nthreads);
     const fcfg_t cfg = float_cfg(isa_now());
-    const int64_t K = g.C * g.KH * g.KW, P = g.HO * g.WO, O = g.O, mr = cfg.mr, nr = cfg.nr;
+    const int64_t G = groups;
+    if (G < 1 || g.C % G || g.O % G) return 2;
+    geom_t gg = g;
+    gg.C = g.C / G;
+    gg.O = g.O / G;
+    const int64_t K = gg.C * g.KH * g.KW, P = g.HO * g.WO, O = g.O, Og = gg.O, mr = cfg.mr, nr = cfg.nr;
     if (g.N <= 0 || O <= 0 || P <= 0) return 0;
-    const int64_t nop = ceil_div(O, mr);
-    /* the last panel may use a narrower kernel: its rows (and packing width) */
-    const int64_t last = O - (nop - 1) * mr;
+    const int64_t nop = ceil_div(Og, mr);
+    /* the last panel (of each group) may use a narrower kernel: its rows (and packing width) */
+    const int64_t last = Og - (nop - 1) * mr;
     int64_t mr_last = mr;
     fwd_kern_t fwd_last = cfg.fwd;
     if (last <= 2 && cfg.fwd_m2) {
@@ -593,19 +604,22 @@ AQ_EXPORT int aq_forward_f32(const float *x, const float *w, float *y, const int
     } else if (last <= 4 && cfg.fwd_m4) {
         mr_last = 4; fwd_last = cfg.fwd_m4;
     }
-    float *wp = (float *)aalloc((size_t)(nop * K * mr) * sizeof(float));
+    const int64_t wpg = nop * K * mr; /* packed weight floats per group */
+    float *wp = (float *)aalloc((size_t)(G * wpg) * sizeof(float));
     if (!wp) return 1;
-    for (int64_t op = 0; op < nop; op++) {
-        const int64_t width = op == nop - 1 ? mr_last : mr;
-        for (int64_t k = 0; k < K; k++)
-            for (int64_t r = 0; r < width; r++) {
-                const int64_t o = op * mr + r;
-                wp[op * K * mr + k * width + r] = o < O ? w[o * K + k] : 0.f;
-            }
-    }
-    const int64_t pb = block_positions(P, g.N, K * 4, nr, nt, 192 * 1024);
-    const int64_t nblk = ceil_div(P, pb), items = g.N * nblk;
+    for (int64_t grp = 0; grp < G; grp++)
+        for (int64_t op = 0; op < nop; op++) {
+            const int64_t width = op == nop - 1 ? mr_last : mr;
+            for (int64_t k = 0; k < K; k++)
+                for (int64_t r = 0; r < width; r++) {
+                    const int64_t o = op * mr + r;
+                    wp[grp * wpg + op * K * mr + k * width + r] = o < Og ? w[(grp * Og + o) * K + k] : 0.f;
+                }
+        }
+    const int64_t pb = block_positions(P, g.N * G, K * 4, nr, nt, 192 * 1024);
+    const int64_t nblk = ceil_div(P, pb), items = g.N * G * nblk;
     const xs_t d = xs_dims(&g);
+    const int64_t cs = d.cstep ? g.H * g.W : d.Hp * g.SW * d.Wq; /* xs floats per channel */
     float *xs_buf = d.cstep ? NULL : (float *)aalloc((size_t)(g.N * d.img + 16) * sizeof(float));
     const float *xs = d.cstep ? x : xs_buf;
     int64_t *koff = (int64_t *)malloc((size_t)K * sizeof(int64_t));
@@ -613,7 +627,7 @@ AQ_EXPORT int aq_forward_f32(const float *x, const float *w, float *y, const int
         free(wp); free(xs_buf); free(koff);
         return 1;
     }
-    make_koff(&g, &d, koff);
+    make_koff(&gg, &d, koff);
     int err = 0;
 #pragma omp parallel num_threads(nt)
     {
@@ -627,22 +641,23 @@ AQ_EXPORT int aq_forward_f32(const float *x, const float *w, float *y, const int
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; it++) {
             if (!buf || !tmp || !runs) continue;
-            const int64_t n = it / nblk, p0 = (it % nblk) * pb, np = imin(pb, P - p0);
+            const int64_t n = it / (G * nblk), grp = (it / nblk) % G, p0 = (it % nblk) * pb, np = imin(pb, P - p0);
             const int64_t npad = round_up(np, nr);
             const int64_t nrun = make_runs(&g, &d, p0, np, nr, runs);
-            cfg.im2col(xs + n * d.img, koff, K, runs, nrun, np, npad, nr, K, d.cstep, buf);
-            float *yn = y + n * O * P;
+            cfg.im2col(xs + n * d.img + grp * gg.C * cs, koff, K, runs, nrun, np, npad, nr, K, d.cstep, buf);
+            float *yn = y + (n * O + grp * Og) * P;
+            const float *wpn = wp + grp * wpg;
             for (int64_t pp = 0; pp < npad / nr; pp++) {
                 const int64_t pos = p0 + pp * nr, nvalid = imin(nr, P - pos);
                 const float *B = buf + pp * K * nr;
                 for (int64_t op = 0; op < nop; op++) {
-                    const int64_t o0 = op * mr, ovalid = imin(mr, O - o0);
+                    const int64_t o0 = op * mr, ovalid = imin(mr, Og - o0);
                     const int64_t width = op == nop - 1 ? mr_last : mr;
                     const fwd_kern_t fwd = op == nop - 1 ? fwd_last : cfg.fwd;
                     if (nvalid == nr && ovalid == width) {
-                        fwd(wp + op * K * mr, B, K, yn + o0 * P + pos, P);
+                        fwd(wpn + op * K * mr, B, K, yn + o0 * P + pos, P);
                     } else {
-                        fwd(wp + op * K * mr, B, K, tmp, nr);
+                        fwd(wpn + op * K * mr, B, K, tmp, nr);
                         for (int64_t r = 0; r < ovalid; r++)
                             memcpy(yn + (o0 + r) * P + pos, tmp + r * nr, (size_t)nvalid * sizeof(float));
                     }
@@ -657,6 +672,10 @@ AQ_EXPORT int aq_forward_f32(const float *x, const float *w, float *y, const int
     free(xs_buf);
     free(koff);
     return err;
+}
+
+AQ_EXPORT int aq_forward_f32(const float *x, const float *w, float *y, const int64_t *geom, int nthreads) {
+    return aq_forward_f32_g(x, w, y, geom, 1, nthreads);
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -713,27 +732,36 @@ static void gin_block(const fcfg_t *cfg, const geom_t *g, const xs_t *d, const f
     }
 }
 
-AQ_EXPORT int aq_grad_input_f32(const float *go, const float *x, const float *w, float *gx, const int64_t *geom,
-                                int nthreads) {
+/* Grouped as aq_forward_f32_g: each group's unfolded gradient (C/G·KH·KW rows) is computed from its own
+ * O/G output channels and folded into its own input channels. */
+AQ_EXPORT int aq_grad_input_f32_g(const float *go, const float *x, const float *w, float *gx, const int64_t *geom,
+                                  int64_t groups, int nthreads) {
     const geom_t g = read_geom(geom);
     const int nt = clamp_threads(nthreads);
     const fcfg_t cfg = float_cfg_gin(isa_now());
-    const int64_t K = g.C * g.KH * g.KW, P = g.HO * g.WO, O = g.O, mr = cfg.mr, nr = cfg.nr;
-    const int64_t CHW = g.C * g.H * g.W;
+    const int64_t G = groups;
+    if (G < 1 || g.C % G || g.O % G) return 2;
+    geom_t gg = g;
+    gg.C = g.C / G;
+    gg.O = g.O / G;
+    const int64_t K = gg.C * g.KH * g.KW, P = g.HO * g.WO, O = g.O, Og = gg.O, mr = cfg.mr, nr = cfg.nr;
+    const int64_t CHW = g.C * g.H * g.W, gCHW = gg.C * g.H * g.W;
     memset(gx, 0, (size_t)(g.N * CHW) * sizeof(float));
     if (g.N <= 0 || O <= 0 || P <= 0 || K <= 0) return 0;
-    const int64_t kpad = round_up(K, mr), nkp = kpad / mr;
-    /* wt[kpanel][o][mr] = W[o][kpanel*mr + r] */
-    float *wt = (float *)aalloc((size_t)(kpad * O) * sizeof(float));
+    const int64_t kpad = round_up(K, mr), nkp = kpad / mr, wtg = kpad * Og;
+    /* wt[group][kpanel][o][mr] = W[group*Og + o][kpanel*mr + r] */
+    float *wt = (float *)aalloc((size_t)(G * wtg) * sizeof(float));
     if (!wt) return 1;
-    for (int64_t kp = 0; kp < nkp; kp++)
-        for (int64_t o = 0; o < O; o++)
-            for (int64_t r = 0; r < mr; r++) {
-                const int64_t k = kp * mr + r;
-                wt[(kp * O + o) * mr + r] = k < K ? w[o * K + k] : 0.f;
-            }
-    const int64_t per_pos = (kpad + O) * 4;
+    for (int64_t grp = 0; grp < G; grp++)
+        for (int64_t kp = 0; kp < nkp; kp++)
+            for (int64_t o = 0; o < Og; o++)
+                for (int64_t r = 0; r < mr; r++) {
+                    const int64_t k = kp * mr + r;
+                    wt[grp * wtg + (kp * Og + o) * mr + r] = k < K ? w[(grp * Og + o) * K + k] : 0.f;
+                }
+    const int64_t per_pos = (kpad + Og) * 4;
     const xs_t d = xs_dims(&g);
+    const int64_t cs = d.cstep ? g.H * g.W : d.Hp * g.SW * d.Wq; /* xs floats per channel */
     float *xs_buf = d.cstep ? NULL : (float *)aalloc((size_t)(g.N * d.img + 16) * sizeof(float));
     const float *xs = d.cstep ? x : xs_buf;
     int64_t *koff = (int64_t *)malloc((size_t)K * sizeof(int64_t));
@@ -742,7 +770,7 @@ AQ_EXPORT int aq_grad_input_f32(const float *go, const float *x, const float *w,
         free(wt); free(xs_buf); free(koff); free(shared_cols);
         return 1;
     }
-    make_koff(&g, &d, koff);
+    make_koff(&gg, &d, koff);
     int err = 0;
     if (g.N >= nt) {
         /* one image per item: a thread unfolds, computes and folds its image alone */
@@ -751,7 +779,7 @@ AQ_EXPORT int aq_grad_input_f32(const float *go, const float *x, const float *w,
         {
             gin_scratch_t sc;
             float *cols = (float *)aalloc((size_t)(K * P) * sizeof(float));
-            const int ok = gin_scratch_alloc(&sc, pb, kpad, O, mr, nr) && cols;
+            const int ok = gin_scratch_alloc(&sc, pb, kpad, Og, mr, nr) && cols;
             if (!ok) {
 #pragma omp atomic write
                 err = 1;
@@ -759,10 +787,12 @@ AQ_EXPORT int aq_grad_input_f32(const float *go, const float *x, const float *w,
 #pragma omp for schedule(dynamic, 1)
             for (int64_t n = 0; n < g.N; n++) {
                 if (!ok) continue;
-                for (int64_t p0 = 0; p0 < P; p0 += pb)
-                    gin_block(&cfg, &g, &d, xs + n * d.img, koff, go + n * O * P, wt, p0, imin(pb, P - p0), &sc,
-                              cols);
-                cfg.fold(cols, &g, gx + n * CHW, 0, g.C);
+                for (int64_t grp = 0; grp < G; grp++) {
+                    for (int64_t p0 = 0; p0 < P; p0 += pb)
+                        gin_block(&cfg, &gg, &d, xs + n * d.img + grp * gg.C * cs, koff, go + (n * O + grp * Og) * P,
+                                  wt + grp * wtg, p0, imin(pb, P - p0), &sc, cols);
+                    cfg.fold(cols, &gg, gx + n * CHW + grp * gCHW, 0, gg.C);
+                }
             }
             gin_scratch_free(&sc);
             free(cols);
@@ -771,11 +801,12 @@ AQ_EXPORT int aq_grad_input_f32(const float *go, const float *x, const float *w,
         /* few images: split each image's positions over the threads, then its channels for the fold */
         const int64_t pb = block_positions(P, 1, per_pos, nr, nt, 192 * 1024);
         const int64_t nblk = ceil_div(P, pb);
-        for (int64_t n = 0; n < g.N && !err; n++) {
+        for (int64_t ng = 0; ng < g.N * G && !err; ng++) {
+            const int64_t n = ng / G, grp = ng % G;
 #pragma omp parallel num_threads(nt)
             {
                 gin_scratch_t sc;
-                const int ok = gin_scratch_alloc(&sc, pb, kpad, O, mr, nr);
+                const int ok = gin_scratch_alloc(&sc, pb, kpad, Og, mr, nr);
                 if (!ok) {
 #pragma omp atomic write
                     err = 1;
@@ -784,14 +815,14 @@ AQ_EXPORT int aq_grad_input_f32(const float *go, const float *x, const float *w,
                 for (int64_t b = 0; b < nblk; b++) {
                     if (!ok) continue;
                     const int64_t p0 = b * pb;
-                    gin_block(&cfg, &g, &d, xs + n * d.img, koff, go + n * O * P, wt, p0, imin(pb, P - p0), &sc,
-                              shared_cols);
+                    gin_block(&cfg, &gg, &d, xs + n * d.img + grp * gg.C * cs, koff, go + (n * O + grp * Og) * P,
+                              wt + grp * wtg, p0, imin(pb, P - p0), &sc, shared_cols);
                 }
                 gin_scratch_free(&sc);
 #pragma omp barrier
 #pragma omp for schedule(static)
-                for (int64_t c = 0; c < g.C; c++)
-                    if (!err) cfg.fold(shared_cols, &g, gx + n * CHW, c, c + 1);
+                for (int64_t c = 0; c < gg.C; c++)
+                    if (!err) cfg.fold(shared_cols, &gg, gx + n * CHW + grp * gCHW, c, c + 1);
             }
         }
     }
@@ -802,253 +833,9 @@ AQ_EXPORT int aq_grad_input_f32(const float *go, const float *x, const float *w,
     return err;
 }
 
-/* ------------------------------------------------------------------------------------------------ */
-/* int8 forward (sum of absolute differences)                                                       */
-/*   kernel: MR=4 positions x NR channels; A rows (positions) and B rows (channels) hold Kp bytes;   */
-/*   out[c*ldo + r] = -(sad(A_r, B_c) + cst[c]).                                                     */
-/* ------------------------------------------------------------------------------------------------ */
-typedef void (*sad_kern_t)(const uint8_t *A, const uint8_t *B, int64_t Kp, const int32_t *cst, int32_t *out,
-                           int64_t ldo);
-#define S_MR 4
-
-static void sad_scalar(const uint8_t *A, const uint8_t *B, int64_t Kp, const int32_t *cst, int32_t *out,
-                       int64_t ldo) {
-    for (int r = 0; r < S_MR; r++) {
-        const uint8_t *a = A + r * Kp;
-        int32_t s = 0;
-        for (int64_t k = 0; k < Kp; k++) {
-            const int d = (int)a[k] - (int)B[k];
-            s += d < 0 ? -d : d;
-        }
-        out[r] = -(s + cst[0]);
-    }
-    (void)ldo;
-}
-
-#if AQ_X86
-/* 4 accumulators of vpsadbw partial sums (values in the low dword of each qword) -> [a b c d]. */
-#define AQ_HSUM4(a, b, c, d, out)                                                                         \
-    do {                                                                                                 \
-        __m256i ab_ = _mm256_or_si256(a, _mm256_slli_epi64(b, 32));                                       \
-        __m256i cd_ = _mm256_or_si256(c, _mm256_slli_epi64(d, 32));                                       \
-        __m256i s_ = _mm256_add_epi32(_mm256_unpacklo_epi64(ab_, cd_), _mm256_unpackhi_epi64(ab_, cd_)); \
-        out = _mm_add_epi32(_mm256_castsi256_si128(s_), _mm256_extracti128_si256(s_, 1));                 \
-    } while (0)
-
-#define SAD_KERNEL(NAME, ATTR, NRC)                                                                       \
-    ATTR static void NAME(const uint8_t *A, const uint8_t *B, int64_t Kp, const int32_t *cst, int32_t *out, \
-                          int64_t ldo) {                                                                \
-        __m256i acc[NRC][S_MR];                                                                          \
-        for (int c = 0; c < NRC; c++)                                                                    \
-            for (int r = 0; r < S_MR; r++) acc[c][r] = _mm256_setzero_si256();                           \
-        for (int64_t k = 0; k < Kp; k += 32) {                                                           \
-            __m256i a[S_MR];                                                                             \
-            for (int r = 0; r < S_MR; r++) a[r] = _mm256_loadu_si256((const __m256i *)(A + r * Kp + k)); \
-            for (int c = 0; c < NRC; c++) {                                                              \
-                const __m256i b = _mm256_loadu_si256((const __m256i *)(B + c * Kp + k));                 \
-                for (int r = 0; r < S_MR; r++)                                                           \
-                    acc[c][r] = _mm256_add_epi32(acc[c][r], _mm256_sad_epu8(a[r], b));                   \
-            }                                                                                            \
-        }                                                                                                \
-        for (int c = 0; c < NRC; c++) {                                                                  \
-            __m128i s;                                                                                   \
-            AQ_HSUM4(acc[c][0], acc[c][1], acc[c][2], acc[c][3], s);                                  \
-            s = _mm_sub_epi32(_mm_set1_epi32(-cst[c]), s);                                               \
-            _mm_storeu_si128((__m128i *)(out + c * ldo), s);                                             \
-        }                                                                                                \
-    }
-
-SAD_KERNEL(sad_avx2, AQ_AVX2, 2)
-SAD_KERNEL(sad_avx512, AQ_AVX512, 4) /* same ymm code; AVX-512VL gives 32 registers for a 4x4 tile */
-#endif
-
-typedef struct {
-    int64_t nr;
-    sad_kern_t kern;
-} scfg_t;
-
-static scfg_t sad_cfg(int isa) {
-    scfg_t c = {1, sad_scalar};
-#if AQ_X86
-    if (isa >= ISA_AVX512) {
-        c.nr = 4; c.kern = sad_avx512;
-    } else if (isa >= ISA_AVX2) {
-        c.nr = 2; c.kern = sad_avx2;
-    }
-#else
-    (void)isa;
-#endif
-    return c;
-}
-
-/* Copy n bytes in 16-byte pieces; may write up to 15 bytes past dst+n and read past src+n (callers
- * leave slack and write later data over the excess). */
-static inline void copy_over(uint8_t *dst, const uint8_t *src, int64_t n) {
-    for (int64_t i = 0; i < n; i += 16) memcpy(dst + i, src + i, 16);
-}
-
-#if AQ_X86
-/* In-register transpose of 16 rows of 16 bytes (SSE2). */
-static inline void transpose16x16_u8(__m128i a[16]) {
-    __m128i b[16], c[16], d[16];
-    for (int m = 0; m < 8; m++) { /* b[2m+h]: rows 2m..2m+1, columns 8h..8h+7 */
-        b[2 * m] = _mm_unpacklo_epi8(a[2 * m], a[2 * m + 1]);
-        b[2 * m + 1] = _mm_unpackhi_epi8(a[2 * m], a[2 * m + 1]);
-    }
-    for (int p = 0; p < 4; p++) /* c[4p+q]: rows 4p..4p+3, columns 4q..4q+3 */
-        for (int h = 0; h < 2; h++) {
-            c[4 * p + 2 * h] = _mm_unpacklo_epi16(b[4 * p + h], b[4 * p + 2 + h]);
-            c[4 * p + 2 * h + 1] = _mm_unpackhi_epi16(b[4 * p + h], b[4 * p + 2 + h]);
-        }
-    for (int s = 0; s < 2; s++) /* d[8s+t]: rows 8s..8s+7, columns 2t..2t+1 */
-        for (int q = 0; q < 4; q++) {
-            d[8 * s + 2 * q] = _mm_unpacklo_epi32(c[8 * s + q], c[8 * s + 4 + q]);
-            d[8 * s + 2 * q + 1] = _mm_unpackhi_epi32(c[8 * s + q], c[8 * s + 4 + q]);
-        }
-    for (int t = 0; t < 8; t++) { /* a[j]: column j, rows 0..15 */
-        a[2 * t] = _mm_unpacklo_epi64(d[t], d[8 + t]);
-        a[2 * t + 1] = _mm_unpackhi_epi64(d[t], d[8 + t]);
-    }
-}
-#endif
-
-/* One image row from NCHW (C planes of `plane` bytes, row of W bytes at src) to NHWC (dst[w*C + c]),
- * each byte xor-ed with flip. */
-static void nchw_row_to_nhwc(const uint8_t *src, int64_t plane, int64_t C, int64_t W, uint8_t *dst, uint8_t flip) {
-    int64_t c0 = 0;
-#if AQ_X86
-    const __m128i f = _mm_set1_epi8((char)flip);
-    for (; c0 + 16 <= C; c0 += 16) {
-        int64_t w0 = 0;
-        for (; w0 + 16 <= W; w0 += 16) {
-            __m128i a[16];
-            for (int r = 0; r < 16; r++)
-                a[r] = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(src + (c0 + r) * plane + w0)), f);
-            transpose16x16_u8(a);
-            for (int j = 0; j < 16; j++) _mm_storeu_si128((__m128i *)(dst + (w0 + j) * C + c0), a[j]);
-        }
-        if (w0 + 8 <= W) {
-            __m128i a[16];
-            for (int r = 0; r < 16; r++)
-                a[r] = _mm_xor_si128(_mm_loadl_epi64((const __m128i *)(src + (c0 + r) * plane + w0)), f);
-            transpose16x16_u8(a);
-            for (int j = 0; j < 8; j++) _mm_storeu_si128((__m128i *)(dst + (w0 + j) * C + c0), a[j]);
-            w0 += 8;
-        }
-        for (; w0 < W; w0++)
-            for (int64_t c = c0; c < c0 + 16; c++) dst[w0 * C + c] = (uint8_t)(src[c * plane + w0] ^ flip);
-    }
-#endif
-    for (int64_t w = 0; w < W; w++)
-        for (int64_t c = c0; c < C; c++) dst[w * C + c] = (uint8_t)(src[c * plane + w] ^ flip);
-}
-
-/* x: int8 (x_is_uint8 = 0) or uint8 (x_is_uint8 = 1) NCHW; w: int8 (O, C, KH, KW); y: int32 (N, O, HO, WO).
- * int8 x: both operands are shifted by +128 into uint8 (differences unchanged), padding is 128.
- * uint8 x: |x - w| = |x - max(w,0)| + max(-w,0) exactly (x >= 0), so the weights become max(w,0) in
- * uint8 and sum_k max(-w,0) is a per-channel constant; padding is 0. */
-AQ_EXPORT int aq_int_forward(const void *xv, int x_is_uint8, const int8_t *w, int32_t *y, const int64_t *geom,
-                             int nthreads) {
-    const geom_t g = read_geom(geom);
-    const int nt = clamp_threads(nthreads);
-    const scfg_t cfg = sad_cfg(isa_now());
-    const int64_t C = g.C, K = C * g.KH * g.KW, P = g.HO * g.WO, O = g.O, nr = cfg.nr;
-    if (g.N <= 0 || O <= 0 || P <= 0) return 0;
-    const int64_t Kp = imax(32, round_up(K, 32)), Opad = round_up(O, nr), nop = Opad / nr;
-    const int64_t Hp = g.H + 2 * g.PH, Wp = g.W + 2 * g.PW;
-    const uint8_t zp = x_is_uint8 ? 0 : 128, flip = x_is_uint8 ? 0 : 0x80;
-
-    uint8_t *wq = (uint8_t *)aalloc((size_t)(Opad * Kp));
-    int32_t *cst = (int32_t *)aalloc((size_t)Opad * sizeof(int32_t));
-    uint8_t *xp = (uint8_t *)aalloc((size_t)(g.N * Hp * Wp * C) + 64);
-    if (!wq || !cst || !xp) {
-        free(wq); free(cst); free(xp);
-        return 1;
-    }
-    memset(wq, 0, (size_t)(Opad * Kp));
-    for (int64_t o = 0; o < Opad; o++) {
-        int32_t s = 0;
-        if (o < O)
-            for (int64_t c = 0; c < C; c++)
-                for (int64_t i = 0; i < g.KH; i++)
-                    for (int64_t j = 0; j < g.KW; j++) {
-                        const int v = w[((o * C + c) * g.KH + i) * g.KW + j];
-                        uint8_t q;
-                        if (x_is_uint8) {
-                            q = (uint8_t)(v > 0 ? v : 0);
-                            s += v < 0 ? -v : 0;
-                        } else {
-                            q = (uint8_t)(v + 128);
-                        }
-                        wq[o * Kp + (i * g.KW + j) * C + c] = q;
-                    }
-        cst[o] = s;
-    }
-    /* padded NHWC copy of the input in the offset domain */
-    const uint8_t *x = (const uint8_t *)xv;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t nh = 0; nh < g.N * Hp; nh++) {
-        const int64_t n = nh / Hp, hp = nh % Hp, h = hp - g.PH;
-        uint8_t *d = xp + nh * Wp * C;
-        if (h < 0 || h >= g.H) {
-            memset(d, zp, (size_t)(Wp * C));
-            continue;
-        }
-        memset(d, zp, (size_t)(g.PW * C));
-        memset(d + (g.PW + g.W) * C, zp, (size_t)(g.PW * C));
-        nchw_row_to_nhwc(x + (n * C * g.H + h) * g.W, g.H * g.W, C, g.W, d + g.PW * C, flip);
-    }
-    const int64_t pb = block_positions(P, g.N, Kp, S_MR, nt, 128 * 1024);
-    const int64_t nblk = ceil_div(P, pb), items = g.N * nblk;
-    const int64_t seg = g.DW == 1 ? g.KW * C : C, nseg_j = g.DW == 1 ? 1 : g.KW;
-    int err = 0;
-#pragma omp parallel num_threads(nt)
-    {
-        uint8_t *A = (uint8_t *)aalloc((size_t)(pb * Kp) + 64);
-        int32_t tmp[4 * S_MR];
-        if (!A) {
-#pragma omp atomic write
-            err = 1;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < items; it++) {
-            if (!A) continue;
-            const int64_t n = it / nblk, p0 = (it % nblk) * pb, np = imin(pb, P - p0);
-            const int64_t npad = round_up(np, S_MR);
-            const uint8_t *xn = xp + n * Hp * Wp * C;
-            for (int64_t q = 0; q < np; q++) {
-                const int64_t p = p0 + q, ho = p / g.WO, wo = p % g.WO;
-                uint8_t *row = A + q * Kp;
-                for (int64_t i = 0; i < g.KH; i++) {
-                    const uint8_t *src = xn + ((ho * g.SH + i * g.DH) * Wp + wo * g.SW) * C;
-                    for (int64_t j = 0; j < nseg_j; j++)
-                        copy_over(row + (i * g.KW + j) * C, src + j * g.DW * C, seg);
-                }
-                memset(row + K, 0, (size_t)(Kp - K));
-            }
-            memset(A + np * Kp, 0, (size_t)((npad - np) * Kp));
-            int32_t *yn = y + n * O * P;
-            for (int64_t op = 0; op < nop; op++) {
-                const int64_t o0 = op * nr, ovalid = imin(nr, O - o0);
-                const uint8_t *B = wq + o0 * Kp;
-                for (int64_t q = 0; q < npad; q += S_MR) {
-                    const int64_t pos = p0 + q, nvalid = imin(S_MR, p0 + np - pos);
-                    if (nvalid == S_MR && ovalid == nr) {
-                        cfg.kern(A + q * Kp, B, Kp, cst + o0, yn + o0 * P + pos, P);
-                    } else {
-                        cfg.kern(A + q * Kp, B, Kp, cst + o0, tmp, S_MR);
-                        for (int64_t c = 0; c < ovalid; c++)
-                            for (int64_t r = 0; r < nvalid; r++) yn[(o0 + c) * P + pos + r] = tmp[c * S_MR + r];
-                    }
-                }
-            }
-        }
-        free(A);
-    }
-    free(wq);
-    free(cst);
-    free(xp);
-    return err;
+AQ_EXPORT int aq_grad_input_f32(const float *go, const float *x, const float *w, float *gx, const int64_t *geom,
+                                int nthreads) {
+    return aq_grad_input_f32_g(go, x, w, gx, geom, 1, nthreads);
 }
 
 /* ------------------------------------------------------------------------------------------------ */

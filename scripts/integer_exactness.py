@@ -64,6 +64,9 @@ def main(argv=None) -> int:
                     help="fixed-point fraction bits; the first is exported, others are compared in memory")
     ap.add_argument("--numpy", action="store_true", help="also run the NumPy runtime and compare its logits")
     ap.add_argument("--export", default="integer_model.aqz")
+    ap.add_argument("--qat-state", default=None, metavar="FILE",
+                    help="a QAT checkpoint (--qat-checkpoint) of this quantization: its weights are loaded and "
+                         "folded before the export")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     if args.checkpoint is None:
@@ -78,6 +81,13 @@ def main(argv=None) -> int:
     _log(f"quantizing {ck.name} ({config.method}, {args.bits}-bit, first/last 8-bit) on {args.calib} images")
     result = quantize(ck.model, calib, config)
     q = result.model
+    if args.qat_state:  # the fine-tuned state: latent weights as QAT left them, then folded as qat() does
+        from adderquant.quant.qat import fold_weights, unfold_weights
+
+        unfold_weights(q, ck.model)
+        q.load_state_dict(torch.load(args.qat_state, map_location="cpu", weights_only=True)["model"])
+        fold_weights(q)
+        _log(f"loaded the QAT state {args.qat_state}")
     del calib_ds, calib
     path = export(result, args.export, name=ck.name, normalization=norm,
                   meta={"checkpoint": str(args.checkpoint), "calibration": f"{args.calib} images of "
@@ -87,6 +97,7 @@ def main(argv=None) -> int:
     extra = {fb: IntegerEngine(convert(q, norm, frac_bits=fb)) for fb in args.frac_bits[1:]}
     q64 = float64_reference(q)
     results = {"checkpoint": str(args.checkpoint), "export": str(path), "bits": args.bits, "method": args.method,
+               "qat_state": args.qat_state,
                "frac_bits": args.frac_bits[0], "adder_backends": available_backends(), "sets": []}
     for data in args.data:
         ds = load_dataset(data)

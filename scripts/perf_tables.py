@@ -25,6 +25,9 @@ SOURCES = {  # key: (file in docs/results, the command that writes it)
     "cpu": ("bench_cpu.json", "python benchmarks/bench_cpu.py --grad --repeat 10 --json docs/results/bench_cpu.json"),
     "train": ("bench_train_cpu.json", "python benchmarks/bench_train.py --json docs/results/bench_train_cpu.json"),
     "integer": ("bench_integer.json", "python benchmarks/bench_integer.py --json docs/results/bench_integer.json"),
+    "integer_avx2": ("bench_integer_avx2.json", "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python "
+                     "benchmarks/bench_integer.py --isa avx2 --skip int_numpy fake_quant int_ops "
+                     "--json docs/results/bench_integer_avx2.json"),
     "gpu": ("gpu.json", "python benchmarks/bench_gpu.py --json $OUT/gpu.json  (see docs/gpu.md)"),
 }
 
@@ -72,16 +75,47 @@ def train_section(d: dict) -> str:
             + _table(head, body))
 
 
+INTEGER_NAMES = {"int_engine": "integer engine", "cnn_int8": "int8 CNN (torch.ao)", "cnn_fp32": "fp32 CNN",
+                 "fp": "float AdderNet", "fake_quant": "fake-quant", "int_ops": "engine op by op",
+                 "int_numpy": "NumPy runtime"}
+
+
+def _ratios(rows, key, fmt="{:.2f}×") -> str:
+    return ", ".join(f"batch {r['batch']} {fmt.format(r[key])}" for r in rows if key in r)
+
+
 def integer_section(d: dict) -> str:
-    names = [k[: -len("_img_s")] for k in d["rows"][0] if k.endswith("_img_s")]
-    head = ["batch", *(f"{n} img/s" for n in names), "int_torch speed-up over fp"]
-    body = [[str(r["batch"]), *(f"{r[f'{n}_img_s']:.0f}" for n in names),
-             _x(r["int_torch_img_s"] / r["fp_img_s"])] for r in d["rows"]]
-    return (f"**Integer inference** — ResNet-20 `{Path(d['source']).name}`, 4-bit paper PTQ with 8-bit first/last "
-            f"layers; `fp` the float AdderNet, `fake_quant` the fake-quantized float model, `int_torch` the integer "
-            f"engine, `int_numpy` the torch-free runtime; {d['threads']} threads, best of {d['repeat']}, "
-            f"{d.get('cpu', '')}.\n\n"
-            + _table(head, body))
+    rows, layers = d["rows"], d.get("layers", [])
+    names = [n for n in INTEGER_NAMES if any(f"{n}_img_s" in r for r in rows)]
+    head = ["batch", *(f"{INTEGER_NAMES[n]} img/s" for n in names), "engine / int8 CNN"]
+    body = [[str(r["batch"]), *(f"{r[f'{n}_img_s']:.0f}" if f"{n}_img_s" in r else "–" for n in names),
+             _x(r.get("engine_over_cnn_int8"))] for r in rows]
+    load = d.get("loadavg", {})
+    load_txt = (f", load average {load['start'][0]:.1f} → {load['end'][0]:.1f} (1 min; 2 cores)" if load else "")
+    env = d.get("torch_isa_env") or {}
+    if env:
+        load_txt += "; PyTorch limited by " + ", ".join(f"`{k}={v}`" for k, v in sorted(env.items()))
+    lowered = d.get("isa") and d.get("isa_max") and d["isa"] != d["isa_max"]
+    title = "Integer inference vs PyTorch's int8 CNN" + (f", {d['isa'].upper()} paths" if lowered or env else "")
+    text = (f"**{title}** — ResNet-20 `{Path(d['source']).name}`, 4-bit "
+            f"`{d.get('method', 'paper')}` PTQ with 8-bit first/last layers, against the same topology as a CNN "
+            f"(random weights; fp32, and int8 by `torch.ao` FX with the x86 backend, calibrated on the same images); "
+            f"isa {d.get('isa', '?')}, {d['threads']} threads, best of {d['repeat']}, {d.get('cpu', '')}{load_txt}."
+            "\n\n" + _table(head, body))
+    if layers:
+        lhead = ["adder layer", "shape", f"torch.ao conv ms (batch {layers[0]['batch']})", "int8 adder ms",
+                 "torch.ao / adder"]
+        lbody = [[r["layer"], r["shape"] + (" +residual" if r["residual"] else ""), f"{r['torch_ao_ms']:.3f}",
+                  f"{r['adder_ms']:.3f}", _x(r["speed_ratio"])] for r in layers]
+        ratios = [r["speed_ratio"] for r in layers]
+        text += ("\n\nPer layer, the adder layer as the engine runs it (SAD kernel, requantisation, residual and "
+                 "ReLU, the next layers' quantisation; each image streamed from and to its own buffers) against "
+                 "`torch.ao`'s quantized convolution on the same shape (its ReLU fused where the model fuses it; "
+                 "the residual add is a separate op there):\n\n" + _table(lhead, lbody))
+        text += (f"\n\nEngine / int8 CNN: {_ratios(rows, 'engine_over_cnn_int8')} (goals: ≥ 0.8× at batch 1, "
+                 f"≥ 1.0× at 64 and 256); torch.ao / adder per layer {_range(ratios)} (goal ≥ 1.0× on every layer, "
+                 f"met on {sum(r >= 1 for r in ratios)} of {len(ratios)}).")
+    return text
 
 
 def gpu_section(d: dict) -> str:
@@ -104,8 +138,10 @@ def gpu_section(d: dict) -> str:
     return text
 
 
-RENDER = {"cpu": cpu_section, "train": train_section, "integer": integer_section, "gpu": gpu_section}
+RENDER = {"cpu": cpu_section, "train": train_section, "integer": integer_section, "integer_avx2": integer_section,
+          "gpu": gpu_section}
 MISSING = {
+    "integer_avx2": "**Integer inference, AVX2 paths** — not measured yet.",
     "gpu": "**GPU** — not measured: no GPU has been lent to a session of this project yet. The Triton backend is "
            "verified through Triton's CPU interpreter in the tests; the one command for a GPU session is in "
            "[`docs/gpu.md`](docs/gpu.md).",

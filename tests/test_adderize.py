@@ -41,12 +41,27 @@ def test_copy_weights_copies_and_default_reinitialises():
     assert not torch.equal(adderize(model)[3].weight, model[3].weight)
 
 
-def test_warnings_name_unnormalised_and_grouped_layers():
+def test_warnings_name_unnormalised_and_unpaddable_layers():
     with pytest.warns(UserWarning, match=r"not followed by a normalisation layer.*\b3\b"):
         adderize(_user_cnn(norm=False))
-    with pytest.warns(UserWarning, match=r"grouped/depthwise .*: 6"):
-        out = adderize(_user_cnn(groups_mid=16))
+    model = _user_cnn()
+    model[6].padding_mode = "reflect"
+    with pytest.warns(UserWarning, match=r"padding mode other than zeros conventional: 6"):
+        out = adderize(model)
     assert type(out[6]) is nn.Conv2d and type(out[3]) is AdderConv2d
+
+
+@pytest.mark.parametrize("groups", [2, 16])
+def test_grouped_and_depthwise_convs_become_grouped_adder_layers(groups):
+    model = _user_cnn(groups_mid=groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = adderize(model, copy_weights=True)
+    assert type(out[6]) is AdderConv2d and out[6].groups == groups
+    assert out[6].weight.shape == model[6].weight.shape == (16, 16 // groups, 3, 3)
+    torch.testing.assert_close(out[6].weight, model[6].weight)
+    x = torch.randn(2, 3, 16, 16)
+    assert out(x).shape == (2, 10)
 
 
 def test_bad_input_is_refused():

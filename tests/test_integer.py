@@ -411,7 +411,7 @@ def test_aqz_layout_and_safetensors_interop(exported):
     (lambda b: b[:100] + bytes([b[100] ^ 0x01]) + b[101:], "checksum mismatch"),
     (lambda b: b[:-5] + bytes([b[-5] ^ 0x80]) + b[-4:], "checksum mismatch"),
     (lambda b: b"\x00" + b[1:], "magic"),
-    (lambda b: b[:8] + (2).to_bytes(4, "little") + b[12:], "version"),
+    (lambda b: b[:8] + (3).to_bytes(4, "little") + b[12:], "version"),
     (lambda b: b[:11] + bytes([b[11] ^ 0x01]) + b[12:], "corrupted header"),  # a flipped byte, not a version
     (lambda b: b + b"\x00", "length mismatch"),
 ])

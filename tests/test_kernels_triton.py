@@ -12,7 +12,9 @@ Checked: forward (fp32; fp16/bf16 inputs), input gradient (both clamp forms), we
 autograd path of ``adder_conv2d``, and the int8 forward in every mode (fp32-exact, int32, vabsdiff4
 emulated) on int8 and uint8 activations including −128/127/0/255 — exact. Shapes are tiny (the
 interpreter is slow) but cover odd channel counts, odd sizes, stride 2, padding 0/1/2, dilation 2,
-1×1/3×3/5×5/3×5 kernels, batch 1, and partial pixel/channel tiles.
+1×1/3×3/5×5/3×5 kernels, batch 1, and partial pixel/channel tiles. Grouped layers (groups 2 and
+depthwise): the backend has no grouped kernels, the dispatch runs the dense ones once per group on
+channel slices; forward, both gradients and the int8 forward are checked that way (never on a GPU yet).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ FLOAT_OPS = ["forward", "grad_input_sat", "grad_input_exact", "grad_weight"]
 INT_OPS = [f"int8_{mode}_{x}" for mode in ("auto", "int32", "vabsdiff4") for x in ("int8", "uint8")]
 HALF_CASES = {0: ("float16", "bfloat16"), 2: ("float16", "bfloat16")}
 AUTOTUNE_CASES = [0, 2]  # every GPU tile config is checked on these, through the interpreter
+GROUPED_CASE = (2, 8, 6, 7, 8, (3, 3), (1, 1), (1, 1), (1, 1))
+GROUPED = (2, 8)  # groups (8: depthwise); the dispatch slices, the dense kernels compute
+GROUPED_OPS = ("forward", "grad_input", "grad_weight", "int8")
 TUNED_OPS = ("forward", "grad_input_sat", "grad_weight", "int8_auto_uint8", "int8_vabsdiff4_int8")
 
 
@@ -101,7 +106,46 @@ def run_comparisons(device: str, case_indices=None, ops=None) -> list[dict]:
     for index, case in enumerate(CASES):
         if case_indices is None or index in case_indices:
             _compare_case(index, case, device, record, ref, tri)
+    if case_indices is None:
+        for groups in GROUPED:
+            _compare_grouped(groups, device, record, ref, tri)
     return records
+
+
+def _compare_grouped(groups, device, record, ref, tri) -> None:
+    """A grouped layer: the dispatch runs the dense Triton kernels once per group on channel slices."""
+    from adderquant import kernels
+
+    case = GROUPED_CASE
+    n, c, h, w, o, k, s, p, d = case
+    gen = torch.Generator().manual_seed(100 + groups)
+    x = 0.6 * torch.randn(n, c, h, w, generator=gen)
+    wt = 0.6 * torch.randn(o, c // groups, *k, generator=gen)
+    y_ref = ref(kernels.adder_forward, x.double(), wt.double(), s, p, d, groups)
+    g = torch.randn(y_ref.shape, generator=gen)
+    xd, wd, gd = x.to(device), wt.to(device), g.to(device)
+    xq = torch.randint(-128, 128, (n, c, h, w), generator=gen, dtype=torch.int8)
+    wq = torch.randint(-128, 128, (o, c // groups, *k), generator=gen, dtype=torch.int8)
+    checks = {
+        "forward": lambda: (tri(kernels.adder_forward, xd, wd, s, p, d, groups), y_ref),
+        "grad_input": lambda: (tri(kernels.adder_grad_input, gd, xd, wd, s, p, d, groups),
+                               ref(kernels.adder_grad_input, g.double(), x.double(), wt.double(), s, p, d, groups)),
+        "grad_weight": lambda: (tri(kernels.adder_grad_weight, gd, xd, wd, s, p, d, groups),
+                                ref(kernels.adder_grad_weight, g.double(), x.double(), wt.double(), s, p, d, groups)),
+    }
+    for op, fn in checks.items():
+        def compare(fn=fn):
+            got, want = fn()
+            return {"err": _rel(got.cpu(), want), "tol": FP32_TOL}
+
+        record(case, f"grouped{groups}_{op}", compare)
+
+    def integer():
+        got = tri(kernels.int_adder_conv2d, xq.to(device), wq.to(device), s, p, d, groups)
+        want = ref(kernels.int_adder_conv2d, xq, wq, s, p, d, groups)
+        return {"exact": bool(got.dtype == torch.int32 and torch.equal(got.cpu(), want))}
+
+    record(case, f"grouped{groups}_int8", integer)
 
 
 def _compare_case(index, case, device, record, ref, tri) -> None:
@@ -283,6 +327,7 @@ def autotuned(tmp_path_factory):
 _PAIRS = [(case_id(c), op) for c in CASES for op in FLOAT_OPS + INT_OPS]
 _PAIRS += [(case_id(CASES[i]), f"forward_{dt}") for i, dts in HALF_CASES.items() for dt in dts]
 _PAIRS += [(case_id(CASES[0]), "autograd"), (case_id(CASES[0]), "dispatch")]
+_PAIRS += [(case_id(GROUPED_CASE), f"grouped{g}_{op}") for g in GROUPED for op in GROUPED_OPS]
 
 
 @pytest.mark.parametrize("case,op", _PAIRS, ids=[f"{c}-{o}" for c, o in _PAIRS])

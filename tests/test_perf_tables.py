@@ -48,3 +48,9 @@ def test_readme_ptq_table_and_presets_md_match_the_committed_results():
     script = ROOT / "scripts" / "ptq_presets.py"
     result = subprocess.run([sys.executable, str(script), "--markdown-only", "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_readme_qat_table_matches_the_committed_runs():
+    script = ROOT / "scripts" / "qat_table.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

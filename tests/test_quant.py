@@ -216,7 +216,7 @@ def test_qat_steps_reduce_loss_with_ste():
     norm = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     q = quantize(model, (x.float() / 255 - 0.5) / 0.25, QuantConfig.paper(4)).model
     w0 = [m.weight.detach().clone() for m in q.modules() if isinstance(m, QuantAdderConv2d)]
-    log = qat(q, ds, norm, QATConfig(epochs=3, lr=0.05, batch_size=16), progress=False)
+    log = qat(q, ds, norm, QATConfig(epochs=3, lr=0.05, batch_size=16), progress=False, float_model=model)
     assert len(log) == 3 and log[-1]["train_loss"] < log[0]["train_loss"]
     w1 = [m.weight.detach() for m in q.modules() if isinstance(m, QuantAdderConv2d)]
     assert any(not torch.equal(a, b) for a, b in zip(w0, w1, strict=True))  # gradients reached the weights
@@ -235,7 +235,7 @@ def test_qat_gradient_cap_bounds_every_step():
         q = quantize(_tiny_adder_net(), (x.float() / 255 - 0.5) / 0.25, QuantConfig.paper(4)).model
         before = torch.cat([p.detach().flatten().clone() for p in q.parameters()])
         qat(q, ds, norm, QATConfig(epochs=1, lr=0.5, momentum=0.0, weight_decay=0.0, batch_size=32, max_steps=1,
-                                   clip_grad_norm=cap), progress=False)
+                                   clip_grad_norm=cap, latent=False), progress=False)
         moved = float((torch.cat([p.detach().flatten() for p in q.parameters()]) - before).norm())
         assert (moved <= 0.5 * 1e-3 * (1 + 1e-4)) == bounded, (cap, moved)
 

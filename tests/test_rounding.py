@@ -175,11 +175,12 @@ def test_without_residual_blocks_a_layer_is_reconstructed_up_to_its_batchnorm(im
     model = _bn_calibrated(_MiniVGG(), images)
     calib = normalize(images, *NORM)
     bars = []
-    real = rounding_module.tqdm
-    monkeypatch.setattr(rounding_module, "tqdm", lambda it, **kw: bars.append(kw) or real(it, **kw))
+    real = rounding_module.progress_bar
+    monkeypatch.setattr(rounding_module, "progress_bar",
+                        lambda it, desc, enabled, **kw: bars.append(enabled) or real(it, desc, False, **kw))
     result = quantize(model, calib, QuantConfig.ours(4, learned_rounding=30, quantize_first_last=True),
                       progress=True)
-    assert bars and not bars[0]["disable"]
+    assert bars and bars[0]
     assert {k: v["layers"] for k, v in result.rounding.items()} == {
         "features[3:6]": ["features.3"], "features[7:9]": ["features.7"]}
     # learned codes are kept only where they reconstruct no worse; here the second block's 30 iterations
@@ -193,4 +194,4 @@ def test_without_residual_blocks_a_layer_is_reconstructed_up_to_its_batchnorm(im
     blocks = find_blocks(result.model, model, calib)
     assert [type(m).__name__ for m in blocks[0].module] == ["QuantAdderConv2d", "MaxPool2d", "BatchNorm2d"]
     quantize(model, calib, QuantConfig.ours(4, learned_rounding=2))
-    assert bars[-1]["disable"]  # no progress bar unless asked
+    assert not bars[-1]  # no progress bar unless asked

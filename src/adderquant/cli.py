@@ -13,14 +13,13 @@ the exception types the library raises for bad input (:data:`USER_ERRORS`) becom
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
 
 from .checkpoints import find_official_addernet
 from .quant.config import METHODS
-from .utils import CHECKPOINTS_ENV, DATA_ENV
+from .utils import CHECKPOINTS_ENV, DATA_ENV, json_dumps
 
 
 def _jsonable(obj):
@@ -35,9 +34,9 @@ def _jsonable(obj):
 
 
 def _emit(args, payload: dict, human: str) -> None:
-    """Print ``human`` text, or with ``--json`` one JSON line (the last stdout line)."""
+    """Print ``human`` text, or with ``--json`` one JSON line (the last stdout line; NaN/inf as null)."""
     if getattr(args, "json", False):
-        print(json.dumps(payload, default=_jsonable), flush=True)
+        print(json_dumps(payload, default=_jsonable), flush=True)
     else:
         print(human, flush=True)
 
@@ -59,6 +58,8 @@ def _data(args):
 
 
 def _device(args) -> str:
+    """The device ``--device`` names (default: CUDA when there is one); every command that takes
+    ``--device`` calls this first, so a device it cannot have is refused before any work."""
     from .utils import default_device
 
     return str(default_device(args.device))
@@ -80,6 +81,8 @@ def _add_train(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output directory (default runs/<model>-<kind>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt when present")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds another run's files (without it, refused)")
     p.add_argument("--stop-after", type=int, default=None, help="run at most N epochs now (resume later)")
     p.add_argument("--time-limit", type=float, default=None,
                    help="stop after the epoch that would overrun this many seconds")
@@ -94,13 +97,14 @@ def _add_train(sub) -> argparse.ArgumentParser:
 def _run_train(args) -> int:
     from .train import TrainConfig, train
 
+    _device(args)
     dataset = _data(args)
     config = TrainConfig(
         model=args.model, kind=args.kind, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         eta=args.eta, seed=args.seed, amp=args.amp,
         out_dir=args.out or f"runs/{args.model}-{args.kind}-s{args.seed}",
         limit_train=args.limit_train, limit_test=args.limit_test, eval_every=args.eval_every,
-        resume=args.resume, stop_after=args.stop_after, time_limit=args.time_limit,
+        resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after, time_limit=args.time_limit,
         device=args.device, progress=not args.json)
     result = train(config, dataset)
     if result["rank"] != 0:
@@ -145,11 +149,13 @@ def _run_eval(args) -> int:
         raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
     if args.checkpoint.endswith(".aqz"):
         ignored = [flag for flag, given in (("--model", args.model), ("--kind", args.kind), ("--bits", args.bits),
-                                             ("--unsafe-load", args.unsafe_load)) if given]
+                                             ("--unsafe-load", args.unsafe_load),
+                                             ("--device", args.device not in (None, "cpu"))) if given]
         if ignored:
             raise ValueError(f"{args.checkpoint} is an integer model that carries its own graph: "
                              f"{', '.join(ignored)} does not apply to it")
         return _eval_aqz(args)
+    device = _device(args)
     options = {"bits": args.bits} if args.bits is not None else {}
     ckpt = checkpoints.load(args.checkpoint, args.model, kind=args.kind, unsafe=args.unsafe_load, **options)
     if args.bits is not None and ckpt.format != "apot":
@@ -164,7 +170,6 @@ def _run_eval(args) -> int:
         raise ValueError(f"{args.checkpoint} has {ckpt.num_classes} classes but {dataset.name} has "
                          f"{len(dataset.classes)}")
     n = len(dataset.x_test) if args.limit is None else min(args.limit, len(dataset.x_test))
-    device = _device(args)
     model = ckpt.model.to(device)
     res = evaluate(model, dataset.x_test[:n], dataset.y_test[:n], ckpt.normalization,
                    batch_size=args.batch_size, device=device, progress=not args.json)
@@ -181,9 +186,9 @@ def _eval_aqz(args) -> int:
     """An exported integer model, run by the integer engine or the NumPy-only runtime (identical integers)."""
     from .integer import IntegerEngine, NumpyRuntime, evaluate_aqz
 
+    runner = (IntegerEngine if args.runtime == "engine" else NumpyRuntime)(args.checkpoint)  # checked first
     dataset = _data(args)
     n = len(dataset.x_test) if args.limit is None else min(args.limit, len(dataset.x_test))
-    runner = (IntegerEngine if args.runtime == "engine" else NumpyRuntime)(args.checkpoint)
     res = evaluate_aqz(runner, dataset.x_test[:n].numpy(), dataset.y_test[:n].numpy(), batch_size=args.batch_size)
     payload = {**res, "format": "aqz", "runtime": args.runtime, "checkpoint": args.checkpoint, "data": args.data,
                "dataset": dataset.name, "device": "cpu"}
@@ -244,7 +249,23 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
     p.add_argument("--qat-lr", type=float, default=1e-4)
     p.add_argument("--qat-limit-train", type=int, default=None, help="QAT on the first N training images")
     p.add_argument("--qat-clip-grad-norm", type=float, default=None,
-                   help="cap the total gradient norm in QAT (not in the paper; 'ours' diverges without it)")
+                   help="cap the total gradient norm in QAT (not in the paper, not needed with latent weights)")
+    p.add_argument("--qat-literal", action="store_true",
+                   help="the paper's literal QAT: train the clamped weights (no STE through the fold, which the "
+                        "unsigned grid needs; see docs/quantization.md)")
+    p.add_argument("--qat-distill", type=float, default=None, metavar="ALPHA",
+                   help="weight of distillation from the full-precision model in the QAT loss (0: off)")
+    p.add_argument("--qat-temperature", type=float, default=None, help="distillation temperature")
+    p.add_argument("--qat-schedule", choices=("epoch", "step"), default=None,
+                   help="cosine learning-rate decay stepped per epoch or per batch")
+    p.add_argument("--qat-bn-reestimate", type=int, default=None, metavar="N",
+                   help="exact BatchNorm statistics on N training batches after QAT")
+    p.add_argument("--qat-holdout", type=int, default=None, metavar="N",
+                   help="hold N training images out of QAT and score them after every epoch")
+    p.add_argument("--qat-checkpoint", default=None, metavar="FILE",
+                   help="write the QAT state to FILE after every epoch (atomic)")
+    p.add_argument("--qat-resume", action="store_true", help="continue QAT from --qat-checkpoint")
+    p.add_argument("--qat-log", default=None, metavar="FILE", help="append one JSON line per QAT epoch to FILE")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N test images")
     p.add_argument("--export", default=None, help="write the integer model to FILE.aqz (first/last layers at 8 bits)")
     p.add_argument("--save", default=None, help="append the JSON result to this JSON-lines file")
@@ -265,6 +286,7 @@ def _quantize_run(args):
     from .quant.qat import QATConfig
     from .workflows import PTQRun
 
+    _device(args)
     overrides = {k: v for k, v in {"groups": args.groups, "alpha": args.alpha,
                                    "bn_recalibration": args.bn_recalibration}.items() if v is not None}
     if args.quantize_first_last or args.export:
@@ -278,9 +300,15 @@ def _quantize_run(args):
         raise ValueError(f"--qat-limit-train must be ≥ 2 images, got {args.qat_limit_train}")
     qat = None
     if args.qat_epochs:
+        recipe = {k: v for k, v in {"distill": args.qat_distill, "temperature": args.qat_temperature,
+                                    "schedule": args.qat_schedule, "bn_reestimate": args.qat_bn_reestimate,
+                                    "holdout": args.qat_holdout}.items() if v is not None}
         qat = QATConfig(epochs=args.qat_epochs, lr=args.qat_lr, limit_train=args.qat_limit_train,
-                        eval_limit=args.limit, clip_grad_norm=args.qat_clip_grad_norm)
-    for path in (args.export, args.save):
+                        eval_limit=args.limit, clip_grad_norm=args.qat_clip_grad_norm, latent=not args.qat_literal,
+                        checkpoint=args.qat_checkpoint, resume=args.qat_resume, log_path=args.qat_log, **recipe)
+    elif args.qat_resume or args.qat_checkpoint:
+        raise ValueError("--qat-checkpoint/--qat-resume need --qat-epochs")
+    for path in (args.export, args.save, args.qat_checkpoint, args.qat_log):
         _check_writable(path)
     return PTQRun(quant=config, calib_size=args.calib_size, seed=args.seed, limit=args.limit, qat=qat,
                   device=args.device)
@@ -302,16 +330,35 @@ def _check_writable(path: str | None) -> None:
         raise PermissionError(f"cannot write {path}: permission denied")
 
 
-def _run_quantize(args) -> int:
+def _load_adder_checkpoint(path: str, model: str | None):
+    """The checkpoint at ``path`` if it holds an AdderNet, else one line saying what it is and which
+    command takes it — before any data is read."""
     from .checkpoints import load
+    from .checkpoints.apot import APoTBitsMissing
+
+    try:
+        ckpt = load(path, model)
+    except APoTBitsMissing:
+        raise ValueError(f"{path} is a quantized APoT checkpoint (a CNN), and `adderquant quantize` quantizes "
+                         f"AdderNets: evaluate it with `adderquant eval --checkpoint {path} --bits 4` (its width), "
+                         "or train APoT stages with `adderquant apot-qat`") from None
+    if ckpt.kind != "adder":
+        raise ValueError(f"{path} holds a CNN ({ckpt.format} checkpoint of {ckpt.name}), and `adderquant quantize` "
+                         "quantizes AdderNets (adder layers): for CNNs use `adderquant apot-qat`")
+    return ckpt
+
+
+def _run_quantize(args) -> int:
+    from .quant.ptq import check_adder_model
     from .workflows import ptq_run
 
     run = _quantize_run(args)
     path = _checkpoint_or_default(args)
-    ckpt = load(path, args.model)
+    ckpt = _load_adder_checkpoint(path, args.model)
+    check_adder_model(ckpt.model, run.quant)  # e.g. --groups beyond a layer's channels, before any work
     dataset = _data(args)
     report = ptq_run(ckpt, dataset, run, progress=not args.json)
-    summary = {**report.summary, "checkpoint": path, "data": args.data, "dataset": dataset.name}
+    summary = {**report.summary, "kind": ckpt.kind, "checkpoint": path, "data": args.data, "dataset": dataset.name}
     human = (f"{summary['model']} {summary['method']} {summary['bits']}-bit on {dataset.name} test "
              f"({summary['n']} images): top-1 {summary['top1']:.2f} % (FP {summary['fp_top1']:.2f} %, "
              f"{summary['delta']:+.2f}; {summary['changed']} predictions changed) in {summary['seconds']:.1f} s")
@@ -319,14 +366,17 @@ def _run_quantize(args) -> int:
         print(human, flush=True)
     if args.export:
         from .integer import export
+        from .utils import progress_bar
 
-        summary["export"] = str(export(report.quant, args.export, name=ckpt.name, normalization=ckpt.normalization,
-                                       meta={k: summary[k] for k in ("method", "bits", "top1", "n")}))
+        for _ in progress_bar([args.export], "export", not args.json, unit="file"):  # a stage line in logs
+            summary["export"] = str(export(report.quant, args.export, name=ckpt.name,
+                                           normalization=ckpt.normalization,
+                                           meta={k: summary[k] for k in ("method", "bits", "top1", "n")}))
         if not args.json:
             print(f"wrote {summary['export']}", flush=True)
     if args.save:
         with open(args.save, "a") as fh:
-            fh.write(json.dumps(summary, default=str) + "\n")
+            fh.write(json_dumps(summary, default=str) + "\n")
     if args.json:
         _emit(args, summary, human)
     return 0
@@ -387,13 +437,17 @@ def _run_apot_qat(args) -> int:
     from . import checkpoints
     from .quant.apot_qat import apot_progressive_qat
 
+    device = _device(args)
     ckpt = checkpoints.load(args.checkpoint, args.model, kind="conv")
+    if ckpt.kind != "conv":
+        raise ValueError(f"{args.checkpoint} holds an AdderNet ({ckpt.format} checkpoint of {ckpt.name}), and "
+                         "`adderquant apot-qat` trains CNNs (APoT): quantize AdderNets with `adderquant quantize`")
     dataset = _data(args)
     if args.limit_train:
         dataset = replace(dataset, x_train=dataset.x_train[: args.limit_train],
                           y_train=dataset.y_train[: args.limit_train])
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    stages = apot_progressive_qat(ckpt.model.to(_device(args)), dataset, schedule=args.schedule,
+    stages = apot_progressive_qat(ckpt.model.to(device), dataset, schedule=args.schedule,
                                   epochs_per_stage=args.epochs_per_stage, lr=args.lr, norm=ckpt.normalization,
                                   log=log, batch_size=args.batch_size, max_steps=args.max_steps)
     rows = []
@@ -426,9 +480,10 @@ def _add_report(sub) -> argparse.ArgumentParser:
 def _run_report(args) -> int:
     from .analysis.ranges import report_ranges
 
+    device = _device(args)
     path = _checkpoint_or_default(args)
     result = report_ranges(path, _data(args), args.out, layer=args.layer, calib_size=args.calib_size,
-                           alpha=args.alpha, progress=not args.json, prefix=args.prefix)
+                           alpha=args.alpha, progress=not args.json, prefix=args.prefix, device=device)
     result["data"] = args.data
     _emit(args, result, f"wrote the range report for {path} into {args.out}")
     return 0

@@ -7,15 +7,14 @@ which says more than the difference of two accuracies.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .data import batches, normalize
+from .utils import progress_bar
 
 
 @dataclass
@@ -27,6 +26,7 @@ class EvalResult:
     n: int
     predictions: torch.Tensor = field(repr=False)
     seconds: float
+    loss: float | None = None  # mean cross-entropy (a finer score than top-1 where top-1 saturates)
 
     def summary(self) -> dict:
         """The scalars, JSON-ready (predictions left out)."""
@@ -42,16 +42,18 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def show_progress(progress: bool) -> bool:
-    """Progress bars only for a person watching: never when stderr is not a terminal."""
-    return progress and sys.stderr.isatty()
+    """Kept for callers of earlier versions: whether to show progress at all. The display itself
+    (a bar on a terminal, one line per stage in a log) is :func:`adderquant.utils.progress_bar`'s."""
+    return bool(progress)
 
 
 def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, normalization,
-             batch_size: int = 500, device=None, progress: bool = True) -> EvalResult:
+             batch_size: int = 500, device=None, progress: bool = False) -> EvalResult:
     """Evaluate ``model`` on uint8 NCHW images normalised with ``normalization = (mean, std)``.
 
     Runs under ``torch.inference_mode`` in eval mode (the model's mode is restored afterwards), on
-    ``device`` (default: where the model's parameters are; the model is not moved).
+    ``device`` (default: where the model's parameters are; the model is not moved). ``progress``:
+    a bar on stderr (:func:`adderquant.utils.progress_bar`; off by default, the CLI turns it on).
     """
     if x_uint8.dtype != torch.uint8:
         raise TypeError(f"evaluate expects uint8 images, got {x_uint8.dtype}")
@@ -63,26 +65,26 @@ def evaluate(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, normaliza
     mean, std = normalization
     was_training = model.training
     model.eval()
-    preds, correct1, correct5 = [], 0, 0
+    preds, correct1, correct5, loss_sum = [], 0, 0, 0.0
     start = time.perf_counter()
     try:
         with torch.inference_mode():
             loader = batches(x_uint8, y, batch_size, shuffle=False, device=device)
-            for xb, yb in tqdm(loader, desc="eval", unit="batch", leave=False,
-                               disable=not show_progress(progress)):
+            for xb, yb in progress_bar(loader, "eval", progress, total=len(loader)):
                 logits = model(normalize(xb, mean, std))
                 k = min(5, logits.shape[1])
                 topk = logits.topk(k, dim=1).indices
                 hits = topk.eq(yb[:, None])
                 correct1 += int(hits[:, 0].sum())
                 correct5 += int(hits.any(dim=1).sum())
+                loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), yb, reduction="sum"))
                 preds.append(topk[:, 0].cpu())
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
     n = len(y)
     predictions = torch.cat(preds).to(torch.int64)
-    return EvalResult(100.0 * correct1 / n, 100.0 * correct5 / n, n, predictions, seconds)
+    return EvalResult(100.0 * correct1 / n, 100.0 * correct5 / n, n, predictions, seconds, loss_sum / n)
 
 
 def paired(a: EvalResult, b: EvalResult, y: torch.Tensor) -> dict:

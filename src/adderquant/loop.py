@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .data import normalize, random_crop_flip
+from .utils import progress_bar
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -41,11 +41,13 @@ def crop_flip(padding: int = 4, *, generator: torch.Generator | None = None,
 def sgd_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, normalization, *,
               augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None, step: int = 0,
               scheduler=None, clip_grad_norm: float | None = None, max_steps: int | None = None,
-              amp: bool = False, loss_fn: Callable = F.cross_entropy, desc: str = "train",
-              progress: bool = False) -> dict:
+              amp: bool = False, loss_fn: Callable = F.cross_entropy, teacher: nn.Module | None = None,
+              desc: str = "train", progress: bool = False) -> dict:
     """One pass over ``batches`` (uint8 images, labels) in training mode: augment, normalise, forward,
     loss, backward, optional gradient-norm cap, optimizer step; ``scheduler`` (if given) steps after
-    every batch. Batches of one image are skipped (BatchNorm cannot train on them). Stops early when
+    every batch. With a ``teacher`` the loss is ``loss_fn(logits, labels, teacher_logits)``, the
+    teacher run without gradients on the same augmented batch. Batches of one image are skipped
+    (BatchNorm cannot train on them). Stops early when
     the global ``step`` reaches ``max_steps``. Returns the epoch's mean loss, accuracy, images, steps
     done so far (global) and seconds; the sums stay on the device (no sync per step).
     """
@@ -55,7 +57,7 @@ def sgd_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Itera
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen, start = 0, time.perf_counter()
-    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress)
+    bar = progress_bar(batches, desc, progress, total=len(batches) if hasattr(batches, "__len__") else None)
     for xb, yb in bar:
         if max_steps is not None and step >= max_steps:
             break
@@ -64,7 +66,13 @@ def sgd_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Itera
         inputs = normalize(augment(xb, step) if augment is not None else xb, mean, std)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(inputs)
-        loss = loss_fn(logits.float(), yb)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(inputs)
+        if teacher is None:
+            loss = loss_fn(logits.float(), yb)
+        else:
+            loss = loss_fn(logits.float(), yb, teacher_logits.float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip_grad_norm is not None:

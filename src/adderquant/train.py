@@ -18,14 +18,28 @@ Files in ``out_dir``: ``log.jsonl`` (one JSON object per epoch), ``checkpoint.sa
 Multi-GPU: launch with ``torchrun --nproc-per-node G``; with ``WORLD_SIZE > 1`` the model is wrapped
 in ``DistributedDataParallel``, each rank takes every G-th index of the epoch's permutation (padded
 to equal length, as ``DistributedSampler`` does) and ``batch_size / G`` images per step, and only
-rank 0 evaluates, logs and saves. Note that the adaptive adder scaling normalises each rank's
-gradient before DDP averages them.
+rank 0 evaluates, logs and saves. A DDP step is the single-process step of the same global batch:
+
+- the adaptive adder scaling (η) acts on the *all-reduced* gradient — inside the autograd backward it
+  would see only this rank's gradient (DDP averages after the backward hooks), so under DDP the adder
+  layers run with ``eta=None`` and an optimizer pre-step hook rescales the averaged gradient;
+- the crop/flip parameters are drawn for the whole global batch on every rank (same seed), and each
+  rank takes its own images' share, so an image is augmented as in the single-process run.
+
+What still differs: BatchNorm normalises with each rank's batch statistics (PyTorch's SyncBatchNorm is
+GPU-only; a model without BatchNorm trains identically), and a training set whose size is not a
+multiple of G is padded with repeated images, as ``DistributedSampler`` does.
+
+One run per ``out_dir`` at a time: the directory is locked (``flock`` on ``.lock``) while a run
+writes into it, and a fresh run refuses a directory that holds another run's files unless told to
+continue it (``resume``) or to replace it (``overwrite``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -41,12 +55,15 @@ from torch import nn
 
 from . import checkpoints, models
 from .data import CIFAR_ADDERNET_NORM, IMAGENET_NORM, Dataset, batches
-from .evaluate import evaluate, show_progress
-from .loop import cosine_schedule, crop_flip, epoch_summary, sgd_epoch
+from .data.augment import crop_flip as crop_flip_images
+from .data.augment import crop_flip_params
+from .evaluate import evaluate
+from .loop import cosine_schedule, epoch_summary, sgd_epoch
 from .nn import AdderConv2d
-from .utils import atomic_write
+from .nn.functional import adaptive_scale
+from .utils import atomic_write, json_dumps
 
-LOG_NAME, STATE_NAME, CHECKPOINT_NAME = "log.jsonl", "state.pt", "checkpoint"
+LOG_NAME, STATE_NAME, CHECKPOINT_NAME, LOCK_NAME = "log.jsonl", "state.pt", "checkpoint", ".lock"
 
 # Fields that define the optimisation trajectory: resuming with any of them changed is refused.
 _RECIPE_FIELDS = ("model", "kind", "num_classes", "epochs", "batch_size", "lr", "momentum", "weight_decay",
@@ -71,6 +88,7 @@ class TrainConfig:
     limit_test: int | None = None  # first N test images for the per-epoch evaluation
     eval_every: int = 1  # evaluate every k epochs (and always after the last)
     resume: bool = False  # continue from out_dir/state.pt when it exists
+    overwrite: bool = False  # start over in an out_dir that holds another run's files (else refused)
     stop_after: int | None = None  # run at most this many epochs in this call (then resume later)
     time_limit: float | None = None  # seconds: stop after the epoch that would overrun this budget
     padding: int = 4  # random-crop padding
@@ -78,7 +96,7 @@ class TrainConfig:
     model_options: dict = field(default_factory=dict)  # passed to models.create (e.g. head="linear")
     device: str | None = None  # default: cuda (this rank's GPU) if available, else cpu
     distributed: bool | None = None  # None: DDP when WORLD_SIZE > 1; True: DDP from the env even for 1
-    progress: bool = True
+    progress: bool = False  # progress on stderr (adderquant.utils.progress_bar); the CLI turns it on
 
     def resolved_normalization(self) -> tuple:
         if self.normalization is not None:
@@ -187,6 +205,8 @@ def _check_config(config: TrainConfig, dataset: Dataset) -> None:
                          f"{len(dataset.classes)} classes")
     if config.limit_train is not None and config.limit_train < 2:
         raise ValueError(f"limit_train must be ≥ 2, got {config.limit_train}")
+    if config.resume and config.overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run in out_dir, or replace it")
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -203,12 +223,46 @@ def _shard(n: int, epoch: int, config: TrainConfig, world: _World) -> torch.Tens
     return order
 
 
+def _global_crop_flip(padding: int, generator: torch.Generator, world: _World):
+    """Crop + flip of this rank's share of a global batch: the parameters are drawn for all
+    ``world.size`` ranks' images (the same draws on every rank) and rank r takes the r-th of every
+    ``world.size`` — the positions its images hold in the global batch (:func:`_shard`). With one
+    process this is exactly :func:`adderquant.data.random_crop_flip`."""
+    def augment(xb: torch.Tensor, step: int) -> torch.Tensor:
+        dy, dx, flips = crop_flip_params(len(xb) * world.size, padding, True, generator, xb.device)
+        mine = slice(world.rank, None, world.size)
+        return crop_flip_images(xb, dy[mine], dx[mine], flips[mine], padding)
+    return augment
+
+
+def _scale_after_all_reduce(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Under DDP: move the adaptive adder scaling from the autograd backward (where it would see this
+    rank's gradient only) to an optimizer pre-step hook, which sees the all-reduced one. Returns a
+    function that undoes it (the layers get their η back)."""
+    etas = {m: m.eta for m in model.modules() if isinstance(m, AdderConv2d) and m.eta is not None}
+    for m in etas:
+        m.eta = None  # the backward leaves the gradient unscaled
+
+    def pre_step(_optimizer, _args, _kwargs):
+        for m, eta in etas.items():
+            if m.weight.grad is not None:
+                m.weight.grad = adaptive_scale(m.weight.grad, eta)
+
+    handle = optimizer.register_step_pre_hook(pre_step)
+
+    def undo():
+        handle.remove()
+        for m, eta in etas.items():
+            m.eta = eta
+    return undo
+
+
 def _train_epoch(model, optimizer, x, y, epoch, config, world, device, norm) -> dict:
     idx = _shard(len(x), epoch, config, world).to(x.device)
     loader = batches(x[idx], y[idx], max(2, config.batch_size // world.size), shuffle=False, device=device)
-    augment = crop_flip(config.padding, generator=_epoch_generator(config.seed, epoch, 1, device))
+    augment = _global_crop_flip(config.padding, _epoch_generator(config.seed, epoch, 1, device), world)
     stats = sgd_epoch(model, optimizer, loader, norm, augment=augment, amp=config.amp,
-                      desc=f"epoch {epoch + 1}/{config.epochs}", progress=world.main and show_progress(config.progress))
+                      desc=f"epoch {epoch + 1}/{config.epochs}", progress=world.main and config.progress)
     totals = torch.stack([stats["loss_sum"], stats["correct"].double(),
                           torch.tensor(float(stats["images"]), device=device, dtype=torch.float64)])
     if world.size > 1:
@@ -237,20 +291,82 @@ def train(config: TrainConfig, dataset: Dataset) -> dict:
     _check_config(config, dataset)
     world = _init_world(config)
     try:
-        return _train(config, dataset, world)
+        device = _device(config, world)
+        lock = _claim_out_dir(config, world, device)
+        try:
+            return _train(config, dataset, world, device)
+        finally:
+            if lock is not None:
+                os.close(lock)  # releases the flock; the (empty) lock file stays, see _claim_out_dir
     finally:
         if world.owns_group:
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, dataset: Dataset, world: _World) -> dict:
-    device = _device(config, world)
+_RUN_FILES = (LOG_NAME, STATE_NAME, CHECKPOINT_NAME + ".safetensors", CHECKPOINT_NAME + ".json")
+
+
+def _claim_out_dir(config: TrainConfig, world: _World, device: torch.device) -> int | None:
+    """Rank 0 locks ``out_dir`` for this run and checks what it holds; every rank learns the verdict
+    (a rank left alone in a collective would hang). Returns the lock's file descriptor (rank 0).
+
+    The lock is ``flock`` on ``out_dir/.lock``, released when the descriptor closes (also when the
+    process dies). The file itself is left in place: deleting it on release would let a run that opened
+    it just before lock a file no longer in the directory while a third run locks a new one."""
+    fd, error = None, None
+    if world.main:
+        try:
+            fd = _lock_and_check(config)
+        except ValueError as err:
+            error = err
+    if world.size > 1:
+        flag = torch.tensor([0 if error is None else 1], device=device)
+        dist.all_reduce(flag)
+        if int(flag.item()) and error is None:
+            raise ValueError(f"rank 0 refused the output directory {config.out_dir} (its message says why)")
+    if error is not None:
+        raise error
+    return fd
+
+
+def _lock_and_check(config: TrainConfig) -> int:
+    out = Path(config.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output directory {out} is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{out} is in use by another training run (it holds the lock {out / LOCK_NAME}): "
+                             "wait for that run to end, or choose another --out") from None
+        present = [n for n in _RUN_FILES if (out / n).exists() and (n != LOG_NAME or (out / n).stat().st_size)]
+        resumable = config.resume and (out / STATE_NAME).exists()
+        if present and not resumable and not config.overwrite:
+            hint = "--resume (resume=True) to continue it, " if (out / STATE_NAME).exists() else ""
+            raise ValueError(f"{out} holds {_describe_run(out)} ({', '.join(present)}): pass {hint}--overwrite "
+                             "(overwrite=True) to replace it, or choose another --out")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _describe_run(out: Path) -> str:
+    """'a training run (last logged epoch 3)' from the log's last record, as far as it can be read."""
+    try:
+        lines = [line for line in (out / LOG_NAME).read_text().splitlines() if line.strip()]
+        return f"a training run (last logged epoch {int(json.loads(lines[-1])['epoch'])})"
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return "a training run"
+
+
+def _train(config: TrainConfig, dataset: Dataset, world: _World, device: torch.device) -> dict:
     norm = config.resolved_normalization()
     num_classes = config.num_classes or len(dataset.classes)
     out = Path(config.out_dir)
     log_path, state_path = out / LOG_NAME, out / STATE_NAME
-    if world.main:
-        out.mkdir(parents=True, exist_ok=True)
 
     seed_everything(config.seed)
     model = models.create(config.model, num_classes=num_classes, kind=config.kind, **config.model_options)
@@ -269,6 +385,10 @@ def _train(config: TrainConfig, dataset: Dataset, world: _World) -> dict:
         except Exception as err:
             raise ValueError(f"cannot resume from {state_path}: not a training state written by adderquant "
                              f"({type(err).__name__}); remove it to start over") from err
+        needed = {"recipe", "model", "optimizer", "scheduler", "rng", "epoch"}
+        if not isinstance(state, dict) or not needed <= set(state):
+            raise ValueError(f"cannot resume from {state_path}: not a training state written by adderquant "
+                             "(keys missing); remove it to start over")
         if state["recipe"] != _recipe(config):
             diff = {k: (state["recipe"].get(k), v) for k, v in _recipe(config).items()
                     if state["recipe"].get(k) != v}
@@ -282,14 +402,28 @@ def _train(config: TrainConfig, dataset: Dataset, world: _World) -> dict:
             kept = [line for line in log_path.read_text().splitlines()
                     if line.strip() and json.loads(line)["epoch"] <= start_epoch]
             log_path.write_text("".join(line + "\n" for line in kept))
-    elif world.main:
+    elif world.main:  # a fresh run: the directory was clean, or overwrite was asked for
         log_path.write_text("")
-        state_path.unlink(missing_ok=True)
+        for name in (STATE_NAME, CHECKPOINT_NAME + ".safetensors", CHECKPOINT_NAME + ".json"):
+            (out / name).unlink(missing_ok=True)
 
     core = model
+    undo_scaling = None
     if world.ddp:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+        undo_scaling = _scale_after_all_reduce(core, optimizer)  # η on the all-reduced gradient
+    try:
+        return _run_epochs(config, dataset, world, device, model, core, optimizer, scheduler, start_epoch,
+                           out, norm, num_classes)
+    finally:
+        if undo_scaling is not None:
+            undo_scaling()
+
+
+def _run_epochs(config, dataset, world, device, model, core, optimizer, scheduler, start_epoch, out, norm,
+                num_classes) -> dict:
+    log_path, state_path = out / LOG_NAME, out / STATE_NAME
 
     n = len(dataset.x_train) if config.limit_train is None else min(config.limit_train, len(dataset.x_train))
     x_train, y_train = dataset.x_train[:n].to(device), dataset.y_train[:n].to(device)
@@ -318,12 +452,19 @@ def _train(config: TrainConfig, dataset: Dataset, world: _World) -> dict:
                   "train_acc": stats["train_acc"], "test_top1": top1, "seconds": seconds,
                   "images_per_s": stats["images"] / seconds,
                   "eval_seconds": eval_seconds, "n_train": n, "n_test": n_test}
+        if not math.isfinite(stats["train_loss"]):  # the same all-reduced value on every rank
+            if world.main:
+                with log_path.open("a") as f:
+                    f.write(json_dumps(record) + "\n")
+            kept = f"{out} keeps epoch {epoch - 1}" if epoch > 1 else "nothing was saved"
+            raise ValueError(f"training diverged in epoch {epoch}: the mean training loss is not finite (lr {lr:g}); "
+                             f"{kept}; lower the learning rate and start over")
         if world.main:
             checkpoints.save(core, out / CHECKPOINT_NAME, name=config.model, kind=config.kind,
                             num_classes=num_classes, normalization=norm, epoch=epoch, test_top1=top1,
                             data=dataset.name, data_source=dataset.source, config=dataclasses.asdict(config))
             with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json_dumps(record) + "\n")  # NaN/inf (a diverged loss) as null
             state = {"epoch": epoch, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": _rng_state(), "recipe": _recipe(config)}
             atomic_write(state_path, lambda tmp, state=state: torch.save(state, tmp))

@@ -8,9 +8,13 @@ device, the bit-width check, the convolution output size, atomic file writes, mo
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -63,6 +67,69 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def finite_json(obj):
+    """``obj`` with every non-finite float (NaN, ±inf) replaced by ``None``, recursively through dicts,
+    lists and tuples: what :func:`json_dumps` writes, so no file or log line holds a bare ``NaN`` or
+    ``Infinity`` (which strict JSON readers refuse)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_dumps(obj, **kwargs) -> str:
+    """``json.dumps`` that never writes NaN/Infinity: non-finite floats become ``null`` (also those a
+    ``default`` converter returns), and ``allow_nan=False`` refuses anything that slips through."""
+    default = kwargs.pop("default", None)
+    kwargs.pop("allow_nan", None)  # always False
+
+    def convert(o):
+        if default is None:
+            raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+        return finite_json(default(o))
+
+    return json.dumps(finite_json(obj), allow_nan=False, default=convert, **kwargs)
+
+
+class _StageLine:
+    """A progress "bar" for a log file: iterates like ``tqdm`` and writes one line when the stage ends
+    (its name, how many items, the seconds and the last postfix), never a carriage return."""
+
+    disable = False
+
+    def __init__(self, iterable: Iterable, desc: str, unit: str, stream):
+        self.iterable, self.desc, self.unit, self.stream, self.postfix = iterable, desc, unit, stream, ""
+
+    def set_postfix(self, **kwargs) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+
+    def __iter__(self):
+        start, n = time.perf_counter(), 0
+        for item in self.iterable:
+            n += 1
+            yield item
+        extra = f", {self.postfix}" if self.postfix else ""
+        unit = self.unit if n == 1 else self.unit + ("es" if self.unit.endswith(("ch", "s", "x")) else "s")
+        print(f"{self.desc}: {n} {unit} in {time.perf_counter() - start:.1f} s{extra}", file=self.stream, flush=True)
+
+
+def progress_bar(iterable: Iterable, desc: str, enabled: bool, *, total: int | None = None, unit: str = "batch"):
+    """The package's one progress display, on stderr. ``enabled=False`` (every library function's
+    default: the CLI turns it on): none. A terminal: a ``tqdm`` bar that clears itself when done.
+    Anything else (a redirected log): one line per stage, written when the stage ends — no ``\r``
+    flood. The result iterates like ``iterable`` and has ``tqdm``'s ``set_postfix`` and ``disable``."""
+    from tqdm.auto import tqdm
+
+    if not enabled:
+        return tqdm(iterable, disable=True)
+    if getattr(sys.stderr, "isatty", lambda: False)():
+        return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr)
+    return _StageLine(iterable, desc, unit, sys.stderr)
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -67,7 +67,8 @@ def ptq_run(ckpt, dataset, run: PTQRun | None = None, *, progress: bool = False)
     qat_log, ptq_top1 = [], None
     if run.qat is not None:
         ptq_top1 = evaluate(result.model, x_test, y_test, ckpt.normalization, device=device, progress=progress).top1
-        qat_log = qat(result.model, dataset, ckpt.normalization, run.qat, device=device, progress=progress)
+        qat_log = qat(result.model, dataset, ckpt.normalization, run.qat, device=device, progress=progress,
+                      float_model=model)
     q = evaluate(result.model, x_test, y_test, ckpt.normalization, device=device, progress=progress)
     config = result.config
     method = f"qssf ({config.method})" if run.quant.method == "qssf" else config.method

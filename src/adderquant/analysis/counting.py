@@ -28,7 +28,9 @@ LAYER_TYPES = WEIGHT_TYPES + ("bn", "relu", "maxpool", "avgpool", "add")
 @dataclass
 class LayerCount:
     """One executed layer. ``fan_in`` is K, the terms summed per output element (c_in/groups·kh·kw for
-    convolution and adder layers, in_features for Linear); ``window`` the pooling window size."""
+    convolution and adder layers, in_features for Linear); ``window`` the pooling window size;
+    ``conv_groups`` the layer's ``groups`` (grouped/depthwise convolution and adder layers) and
+    ``out_channels`` its output channels (weight layers)."""
 
     name: str
     type: str  # one of LAYER_TYPES
@@ -40,6 +42,8 @@ class LayerCount:
     window: int = 0
     bias: bool = False
     source: int = -1  # BatchNorm: index in ModelCount.layers of the weight layer producing its input
+    conv_groups: int = 1
+    out_channels: int = 0
 
     @property
     def macs(self) -> int:
@@ -205,8 +209,12 @@ def count_model(model: nn.Module, input_shape: Sequence[int], *, mark_first_last
         if kind in ("conv", "adder"):
             k = mod.weight.shape[1] * mod.weight.shape[2] * mod.weight.shape[3]  # c_in/groups · kh · kw
             lc.fan_in, lc.weight_elems, lc.bias = k, mod.weight.numel(), mod.bias is not None
+            # a QuantAdderConv2d's `groups` are its scale groups; its convolution groups are `conv_groups`
+            lc.conv_groups = int(getattr(mod, "conv_groups", None) or getattr(mod, "groups", 1))
+            lc.out_channels = int(mod.weight.shape[0])
         elif kind == "linear":
             lc.fan_in, lc.weight_elems, lc.bias = mod.in_features, mod.weight.numel(), mod.bias is not None
+            lc.out_channels = int(mod.out_features)
         elif kind in ("maxpool", "avgpool"):
             spatial_in, spatial_out = x.shape[2:], out.shape[2:]
             if isinstance(mod, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):

@@ -276,7 +276,9 @@ def tally(counts: ModelCount, bits: int = 32, *, groups: int = 1, first_last_bit
     product) + (K−1) accumulations; adder: K int-b sub + K int-b abs + (K−1) accumulations; accumulations at
     :func:`accumulator_bits`. Scale operations (part ``scales``, FP32 multiplications): per body output
     element 1 rescale (s_x·s_w or the group scale s_j), per body input element 1 activation quantization
-    (``groups`` for an adder layer: one per group scale; conv: one). First/last layers: FP32, or
+    (``groups`` for an adder layer: one per group scale; conv: one; a grouped adder layer's input element
+    feeds only the O/conv_groups output channels of its conv group, so at most ``min(groups, O/conv_groups)``
+    scales — this worst case is counted, 1 for a depthwise layer). First/last layers: FP32, or
     ``first_last_bits``-bit integer convolutions with their scale operations. BatchNorm, ReLU, pooling and
     residual adds (part ``aux``) are FP32 in every variant; with ``fold_bn`` a BatchNorm right after a
     layer costs 1 add per element (its scale folds into FP conv weights or into a rescale; not into FP
@@ -318,7 +320,13 @@ def tally(counts: ModelCount, bits: int = 32, *, groups: int = 1, first_last_bit
                 else:
                     ops[part][op_key("int", b, "mult")] += k * n
                 ops[part][op_key("int", acc, "add")] += (k - 1) * n
-                copies = groups if kind == "adder" else 1
+                if kind == "adder" and lc.out_channels and groups > lc.out_channels:  # as quantize refuses it
+                    raise ValueError(f"groups={groups} but adder layer {lc.name} has only {lc.out_channels} "
+                                     "output channels (a scale group holds at least one)")
+                copies = 1
+                if kind == "adder":  # one quantization per scale an input element meets (docstring)
+                    per_group = lc.out_channels // lc.conv_groups if lc.out_channels else groups
+                    copies = min(groups, per_group) if lc.conv_groups > 1 else groups
                 ops["scales"][op_key("fp", 32, "mult")] += n + copies * lc.in_elems
                 if lc.bias:
                     ops["scales"][op_key("fp", 32, "add")] += n

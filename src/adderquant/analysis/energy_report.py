@@ -103,19 +103,30 @@ def _add_ratios(rows: list[dict[str, Any]], name: str, kw: Mapping[str, Any]) ->
 def load_accuracies(path: str | Path) -> list[dict[str, Any]]:
     """Read accuracy records: a JSON list of objects, one object, ``{"results": [...]}``, or JSON
     lines (one object per line). Each object needs ``kind`` ("adder"/"conv"), ``method``, ``bits`` and
-    ``top1``; ``model``, ``dataset`` and ``groups`` are optional."""
+    ``top1``; ``model``, ``dataset`` and ``groups`` are optional. A record without ``kind`` whose
+    ``method`` is one of ``adderquant quantize``'s (what ``quantize --save`` wrote before it recorded
+    the kind) is an AdderNet's. Bad JSON or a record without the fields: ``ValueError``."""
     text = Path(path).read_text()
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: neither JSON nor JSON lines ({err})") from None
     if isinstance(data, dict):
         data = data["results"] if isinstance(data.get("results"), list) else [data]
+    from ..quant.config import METHODS
+
     records = []
     for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: record {i} is not a JSON object")
+        if "kind" not in rec and str(rec.get("method", "")).split(" ")[0] in METHODS:
+            rec = {**rec, "kind": "adder"}  # `adderquant quantize --save` (qssf: "qssf (qssf-w)")
         missing = [k for k in ("kind", "method", "bits", "top1") if k not in rec]
         if missing:
-            raise ValueError(f"{path}: record {i} lacks {missing}: {rec}")
+            raise ValueError(f"{path}: record {i} lacks {missing} (has {sorted(rec)[:12]})")
         if rec["kind"] not in ("adder", "conv"):
             raise ValueError(f"{path}: record {i}: kind must be 'adder' or 'conv', got {rec['kind']!r}")
         records.append(dict(rec))

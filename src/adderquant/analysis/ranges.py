@@ -13,7 +13,6 @@ matplotlib is imported only when plotting (Agg canvas): it is an optional extra.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from ..nn import AdderConv2d
 from ..quant.config import QuantConfig
 from ..quant.observers import AbsRangeObserver
 from ..quant.ptq import calibrate, layer_parameters
-from ..utils import atomic_write, hooked
+from ..utils import atomic_write, hooked, json_dumps
 from ._plotting import agg_figure, save_figure
 
 DEFAULT_LAYER = "layer1.1.conv2"  # the layer of the paper's Figure 2
@@ -172,7 +171,7 @@ def plot_distributions(model: nn.Module, calib, layer: str, path, config: QuantC
     x = layer_inputs(model, calib, layer).to(torch.float64)
     if stats is None:
         stats = range_statistics(model, calib, config, alpha)[layer]
-    w = model.get_submodule(layer).weight.detach().flatten().to(torch.float64)
+    w = model.get_submodule(layer).weight.detach().flatten().cpu().to(torch.float64)
     fig = agg_figure(figsize=(10, 3.6))
     axes = fig.subplots(1, 2)
     for ax, v, what in ((axes[0], w, "weights"), (axes[1], x, "activations (input)")):
@@ -196,22 +195,24 @@ def plot_distributions(model: nn.Module, calib, layer: str, path, config: QuantC
 
 
 def report_ranges(checkpoint, data, out_dir, layer: str | None = None, calib_size: int = 1024, seed: int = 0,
-                  alpha: float = 0.999, config: QuantConfig | None = None, progress: bool = True,
-                  prefix: str = "") -> dict:
+                  alpha: float = 0.999, config: QuantConfig | None = None, progress: bool = False,
+                  prefix: str = "", device=None) -> dict:
     """``adderquant report ranges``: statistics of every adder layer of ``checkpoint`` (a path or a
     loaded ``Checkpoint``) on ``calib_size`` training images of ``data`` (a path or a ``Dataset``).
 
     Writes ``ranges.json``, ``ranges.txt`` and, for ``layer`` (default layer1.1.conv2 when the model
     has it, else the first adder layer), ``ranges_<layer>.png`` (Fig. 2) and
     ``distributions_<layer>.png`` (Fig. 4) into ``out_dir``, each name preceded by ``prefix``.
-    Returns the paths and the statistics.
+    Returns the paths and the statistics. ``device``: where the model runs (default: where it is).
     """
     from ..checkpoints import load as load_checkpoint  # only for a path: the statistics need no checkpoints
 
     ck = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     ds = load_dataset(data) if isinstance(data, (str, Path)) else data
-    model = ck.model.eval()
+    model = (ck.model if device is None else ck.model.to(device)).eval()
     calib = normalize(calibration_subset(ds, calib_size, seed=seed), *ck.normalization)
+    if device is not None:
+        calib = calib.to(device)
     config = config or QuantConfig.paper()
     stats = range_statistics(model, calib, config, alpha, progress=progress)
     if not stats:
@@ -231,7 +232,7 @@ def report_ranges(checkpoint, data, out_dir, layer: str | None = None, calib_siz
                "data": str(data) if isinstance(data, (str, Path)) else ds.name, "dataset": ds.name,
                "calib_size": calib_size, "seed": seed, "alpha": alpha, "config": asdict(config),
                "layers": [s.to_dict() for s in stats.values()]}
-    atomic_write(paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1) + "\n"))
+    atomic_write(paths["json"], lambda tmp: Path(tmp).write_text(json_dumps(payload, indent=1) + "\n"))
     safe = layer.replace(".", "_")
     paths["ranges"] = plot_ranges(stats, layer, out / f"{prefix}ranges_{safe}.png")
     paths["distributions"] = plot_distributions(model, calib, layer, out / f"{prefix}distributions_{safe}.png",

@@ -37,6 +37,10 @@ from .core import Checkpoint, load_into
 ALPHA_SUFFIXES = (".act_alpha", ".weight_quant.wgt_alpha")
 
 
+class APoTBitsMissing(ValueError):
+    """A quantized APoT checkpoint loaded without its bit width (the file does not store it)."""
+
+
 def _is_conventional_cifar_resnet(state: dict) -> bool:
     def dims(key):
         v = state.get(key)
@@ -71,7 +75,7 @@ def import_apot(state: dict, name: str | None, options: dict) -> Checkpoint | No
         return None
     bits = _check_bits(options.get("bits"))
     if has_alphas and bits is None:
-        raise ValueError("this is a quantized APoT checkpoint (it has act_alpha / wgt_alpha) but its bit "
+        raise APoTBitsMissing("this is a quantized APoT checkpoint (it has act_alpha / wgt_alpha) but its bit "
                          "width is not stored in the file: pass it with --bits (bits=2..6; the authors' "
                          "file is 4-bit)")
     name = name or f"resnet{_depth(state)}"
@@ -105,4 +109,4 @@ def _fill_missing_alphas(model: nn.Module, state: dict) -> dict:
     return {**{k: v for k, v in own.items() if k.endswith(ALPHA_SUFFIXES) and k not in state}, **state}
 
 
-__all__ = ["CIFAR_APOT_NORM", "import_apot"]
+__all__ = ["APoTBitsMissing", "CIFAR_APOT_NORM", "import_apot"]

@@ -22,7 +22,7 @@ from torch import nn
 from ..data.normalization import CIFAR_ADDERNET_NORM as ADDERNET_NORM
 from ..models import create
 from ..quant.apot_layers import apot_quantize
-from ..utils import CHECKPOINTS_ENV, DATA_ENV, atomic_write
+from ..utils import CHECKPOINTS_ENV, DATA_ENV, atomic_write, json_dumps
 
 
 @dataclass
@@ -80,7 +80,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, name: str, kind: str, num
             "head": getattr(model, "head", None),
             "normalization": {"mean": list(normalization[0]), "std": list(normalization[1])}, **meta}
     atomic_write(tensors_path, lambda tmp: save_file(state, tmp, metadata={"format": "adderquant"}))
-    atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2, default=str)))
+    atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json_dumps(info, indent=2, default=str)))
     return tensors_path
 
 

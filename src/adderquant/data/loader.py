@@ -67,7 +67,7 @@ def tensor_batches(calib, batch_size: int = 256, limit: int | None = None, devic
     for i, xb in enumerate(source):
         if limit is not None and i >= limit:
             return
-        yield xb if device is None else xb.to(device)
+        yield xb if device is None or not isinstance(xb, torch.Tensor) else xb.to(device)  # others: the caller refuses
 
 
 def calibration_tensor(calib, limit: int | None = None) -> torch.Tensor:

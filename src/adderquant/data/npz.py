@@ -3,6 +3,11 @@ such as ``cifar10-subset.npz``. An optional ``classes`` string array names the c
 
 from __future__ import annotations
 
+import contextlib
+import pickle
+import zipfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +17,28 @@ from .dataset import CIFAR10_CLASSES, Dataset, make
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
+@contextlib.contextmanager
+def open_npz(path: Path) -> Iterator:
+    """``np.load(path)`` whose failures on a damaged file — truncated, not a zip, a corrupt member,
+    a pickled object — are one ``ValueError`` naming the file (reads of members included)."""
+    damaged = (zipfile.BadZipFile, zlib.error, EOFError, OSError, pickle.UnpicklingError)
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (*damaged, ValueError) as err:  # ValueError: neither zip nor .npy (numpy would unpickle it)
+        raise ValueError(f"{path} is damaged or not a .npz file ({type(err).__name__}: {err})") from None
+    with f:
+        try:
+            yield f
+        except damaged as err:  # a member cut short or corrupt, found when it is read
+            raise ValueError(f"{path} is damaged: {type(err).__name__}: {err}") from None
+        except ValueError as err:
+            if "allow_pickle" not in str(err):
+                raise
+            raise ValueError(f"{path} holds object arrays, which are not loaded (only plain arrays)") from None
+
+
 def load(path: Path) -> Dataset:
-    with np.load(path, allow_pickle=False) as f:
+    with open_npz(path) as f:
         missing = [k for k in KEYS if k not in f.files]
         if missing:
             raise ValueError(f"{path}: missing keys {missing} (has {f.files}); expected {list(KEYS)}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import Dataset, make
+from .npz import open_npz
 
 
 def load(root: Path, verify: bool = False) -> Dataset:
@@ -45,7 +46,9 @@ def load(root: Path, verify: bool = False) -> Dataset:
 
 
 def _shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path, allow_pickle=False) as f:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: shard listed in meta.json does not exist")
+    with open_npz(path) as f:
         if "x" not in f.files or "y" not in f.files:
             raise ValueError(f"{path}: expected keys x and y, found {f.files}")
         x, y = f["x"], f["y"]

@@ -9,6 +9,11 @@ Speed: a ``requant`` followed by ``relu``, or by an ``add`` (then optionally ``r
 else reads, runs as one fused ``kernels.int_requant`` pass, and activations are quantised by
 ``kernels.int_quantize``; the C backend does each in one pass over memory instead of a chain of
 int64 tensor ops. The graph and its integers are unchanged by this (the tests compare the results).
+
+Fast path: where the C extension is built, the ``cpu`` backend serves the int8 kernels and the graph
+has the shape ``integer.cpu_plan`` takes (the CIFAR ResNets, for one), the whole batch runs in one
+call of the C network runner instead — same integers, without int64 tensors between layers.
+``IntegerEngine(graph, fast=False)`` keeps the op-by-op path.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..kernels import int_adder_conv2d, int_quantize, int_requant
+from ..kernels import backend_name, int_adder_conv2d, int_quantize, int_requant
 from ..kernels.reference import check_int64_range
 from ..utils import conv_output_size
+from . import cpu_plan
 from .graph import IntegerGraph
 from .runtime_numpy import load_aqz, quant_thresholds
 
@@ -72,6 +78,35 @@ def _max_pool(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
     return out
 
 
+def _conv_plan(rows: torch.Tensor | None, out_channels: int, groups: int) -> list:
+    """For the output channels ``rows`` (None: all) of a grouped layer: ``(g, positions in rows, rows)`` per
+    conv group g that holds some of them."""
+    rows = torch.arange(out_channels) if rows is None else rows
+    owner = torch.div(rows, out_channels // groups, rounding_mode="floor")
+    plan = []
+    for g in torch.unique(owner).tolist():
+        sel = (owner == g).nonzero().flatten()
+        plan.append((g, sel, rows[sel]))
+    return plan
+
+
+def _grouped_adder(xq, w, plan, cg: int, geo, excess=None) -> torch.Tensor:
+    """The accumulators of a grouped adder layer's channels in ``plan`` (:func:`_conv_plan`): the dense int
+    kernel on each conv group's input slice (``cg`` channels), minus that slice's box sum of ``excess``."""
+    out = None
+    for g, sel, rows in plan:
+        acc = int_adder_conv2d(xq[:, g * cg : (g + 1) * cg], w[rows], *geo)
+        if excess is not None:
+            acc = acc.to(torch.int64) - _box_sum(excess[:, g * cg : (g + 1) * cg], tuple(w.shape[2:]), *geo)
+        if out is None:
+            out = torch.empty((xq.shape[0], sum(len(s) for _, s, _ in plan)) + tuple(acc.shape[2:]), dtype=acc.dtype)
+        out[:, sel] = acc
+    return out
+
+
+_I8 = torch.zeros(1, 1, 1, 1, dtype=torch.int8)  # what backend_name needs to pick the int8 kernels' backend
+
+
 def _narrowest(qmin: int, qmax: int) -> torch.dtype:
     """The dtype the int8 kernels take when it holds [qmin, qmax] (uint8 for the unsigned 8-bit grid)."""
     if -128 <= qmin and qmax <= 127:
@@ -116,10 +151,12 @@ class IntegerEngine:
     ``mmap`` range): 64 was fastest for ResNet-20 on the 2-core development machine (16–512 tried).
     """
 
-    def __init__(self, graph: IntegerGraph | str | os.PathLike, chunk: int = 64):
+    def __init__(self, graph: IntegerGraph | str | os.PathLike, chunk: int = 64, fast: bool = True):
         if chunk < 1:
             raise ValueError(f"chunk must be a positive number of images, got {chunk}")
         self.chunk = chunk
+        self.fast = fast
+        self._cpu_plans: dict = {}  # input shape (C, H, W) -> cpu_plan.CpuPlan, or None where it does not apply
         if not isinstance(graph, IntegerGraph):
             aqz = load_aqz(graph)
             graph = IntegerGraph.from_json(aqz.graph, aqz.tensors)
@@ -135,6 +172,9 @@ class IntegerEngine:
                 unique = list(dict.fromkeys(channel_key))
                 p["by_key"] = [(k, None if len(unique) == 1 else
                                 torch.tensor([c for c, ck in enumerate(channel_key) if ck == k])) for k in unique]
+                if int(a.get("groups", 1)) != 1:  # grouped: per scale key, the conv groups its channels lie in
+                    p["conv_plan"] = {k: _conv_plan(idx, p["weight"].shape[0], int(a["groups"])) for k, idx in
+                                      p["by_key"]}
                 p["thresholds"] = {k: torch.from_numpy(quant_thresholds(*k, a["qmin"], a["qmax"])) for k in unique}
             if node["op"] == "quantize":
                 a = node["attrs"]
@@ -167,6 +207,12 @@ class IntegerEngine:
                                                                                            strict=True)):
             raise ValueError(f"input of shape {tuple(x.shape)}, the model takes {spec['shape']} (None: any)")
         x = x.cpu()
+        plan = self.cpu_plan(x.shape[1:])
+        if plan is not None and x.shape[0]:
+            try:
+                return plan.run(x.contiguous())
+            except cpu_plan.PlanOverflow:
+                pass  # the op-by-op path raises, naming the node
         if x.shape[0] > self.chunk:
             return torch.cat([self._run(x[i : i + self.chunk]) for i in range(0, x.shape[0], self.chunk)])
         return self._run(x)
@@ -182,6 +228,16 @@ class IntegerEngine:
         return env[out_name]
 
     logits = __call__
+
+    def cpu_plan(self, shape) -> cpu_plan.CpuPlan | None:
+        """The C network runner's plan for inputs of shape (C, H, W), when it is in use: ``fast``, the
+        ``cpu`` backend serving the int8 kernels, and a graph it takes (``integer.cpu_plan``)."""
+        if not self.fast or not cpu_plan.available() or backend_name("int_forward", _I8, _I8) != "cpu":
+            return None
+        key = tuple(int(v) for v in shape)
+        if key not in self._cpu_plans:
+            self._cpu_plans[key] = cpu_plan.compile_plan(self.graph, self._steps, key)
+        return self._cpu_plans[key]
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self(x).argmax(1)
@@ -203,7 +259,7 @@ class IntegerEngine:
     def _conv(node, p, x):
         a = node["attrs"]
         y = F.conv2d(x.to(torch.float64), p["weight_f64"], stride=a["stride"], padding=a["padding"],
-                     dilation=a["dilation"])
+                     dilation=a["dilation"], groups=a.get("groups", 1))
         return y.round().to(torch.int64)
 
     @staticmethod
@@ -222,6 +278,16 @@ class IntegerEngine:
                 xq = wide.clamp(a["qmin"], a["qmax"]).to(p["x_dtype"])
             else:
                 xq = int_quantize(x, p["thresholds"][key], a["qmin"], p["x_dtype"])
+            if "conv_plan" in p:  # grouped layer: one dense kernel call per conv group, on channel slices
+                excess = ((wide - a["qmax"]).clamp_min_(0) + (a["qmin"] - wide).clamp_min_(0)
+                          if a["lossless_act_clamp"] else None)
+                acc = _grouped_adder(xq, w, p["conv_plan"][key], x.shape[1] // int(a["groups"]), geo, excess)
+                if idx is None:
+                    return acc
+                if out is None:
+                    out = torch.empty((x.shape[0], w.shape[0]) + tuple(acc.shape[2:]), dtype=acc.dtype)
+                out[:, idx] = acc
+                continue
             acc = int_adder_conv2d(xq, w if idx is None else w[idx], *geo)
             if a["lossless_act_clamp"]:  # the excess term can leave int32
                 excess = (wide - a["qmax"]).clamp_min_(0) + (a["qmin"] - wide).clamp_min_(0)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import int_adder_conv2d
-from ..quant.adder_layer import QuantAdderConv2d, window_sum
+from ..quant.adder_layer import QuantAdderConv2d
 from ..quant.first_last import QuantFirstLast
 from ..quant.uniform import quantize_int
 from ..utils import set_submodule
@@ -73,16 +73,18 @@ class _AdderF64(nn.Module):
         dtype = torch.int8 if -128 <= min(qn, wn) and max(qp, wp) <= 127 else torch.int16
         w_int = m.acc_weight().to(dtype)
         out = None
+        geometry = (m.stride, m.padding, m.dilation)
         for s, idx in m.scale_sets():
             s = s.to(x.dtype)
             x_wide = torch.round(x / s)
-            acc = int_adder_conv2d(x_wide.clamp(qn, qp).to(dtype), w_int[idx], m.stride, m.padding, m.dilation)
+            acc = int_adder_conv2d(x_wide.clamp(qn, qp).to(dtype), w_int[m.call_rows(idx)], *geometry,
+                                   groups=m.conv_groups)
             y = acc.to(x.dtype) * s
             if m.lossless_act_clamp:
-                y = y - window_sum(m.excess(x_wide), m.kernel_size, m.stride, m.padding, m.dilation) * s
+                y = y - m.window_excess(m.excess(x_wide), geometry) * s
             if out is None:
                 out = x.new_empty(x.shape[0], m.out_channels, y.shape[2], y.shape[3])
-            out[:, idx] = y
+            out[:, idx] = m.call_outputs(y, idx)
         return out + m.clamp_bias.to(x.dtype).view(1, -1, 1, 1)
 
 

@@ -215,10 +215,13 @@ class _Builder:
             q = self.emit("quantize", f"{label}.quantize", [x.name],
                           attrs={"lshift": int(k[0]), "divisor": int(d[0]), "qmin": qn, "qmax": qp})
         if isinstance(layer, nn.Conv2d):
-            if layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
-                raise NotImplementedError(f"{label}: grouped or non-zero-padded convolutions")
-            out = self.emit("conv", label, [q], attrs={"stride": _pair(layer.stride), "padding": _pair(layer.padding),
-                                                       "dilation": _pair(layer.dilation)}, params={"weight": w_int})
+            if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+                raise NotImplementedError(f"{label}: convolutions with string padding or a padding mode other than "
+                                          "zeros")
+            attrs = {"stride": _pair(layer.stride), "padding": _pair(layer.padding), "dilation": _pair(layer.dilation)}
+            if layer.groups != 1:
+                attrs["groups"] = int(layer.groups)
+            out = self.emit("conv", label, [q], attrs=attrs, params={"weight": w_int})
         else:
             if len(x.shape) != 2:
                 raise NotImplementedError(f"{label}: a linear layer needs a flattened input")
@@ -249,6 +252,8 @@ class _Builder:
                  "stride": _pair(mod.stride), "padding": _pair(mod.padding), "dilation": _pair(mod.dilation)}
         if mod.double_step:  # informational: the runtimes need nothing new (weights may leave [qmin, qmax])
             attrs["weight_grid"] = "double_step"
+        if mod.conv_groups != 1:  # only then: a dense layer's node (and file, version 1) stays as it was
+            attrs["groups"] = int(mod.conv_groups)
         out = self.emit("adder", label, [x.name], attrs=attrs, params={
             "weight": w_int, "group_of": group_of.astype(np.int32), "lshift": lshift, "divisor": divisor})
         scale = scales.double().numpy()[group_of]

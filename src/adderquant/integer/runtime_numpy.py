@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 MAGIC = b"\x89AQZ\r\n\x1a\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this runtime reads; 1 (no grouped layers) still loads, and is still written
+GROUPED_VERSION = 2  # the first version whose `adder`/`conv` nodes may carry attrs.groups (grouped/depthwise)
 # magic (8 bytes) | format version u32 | flags u32 | payload length u64 | SHA-256 of the payload (32 bytes)
 HEADER = struct.Struct("<8sIIQ32s")
 HEADER_SIZE = HEADER.size  # 56
@@ -58,11 +59,19 @@ class AQZ:
         return self.graph.get("meta", {})
 
 
+def required_version(graph: dict) -> int:
+    """The oldest format version that describes ``graph``: 2 when a node is grouped (``attrs.groups`` ≠ 1),
+    else 1 — so a file without grouped layers stays readable by a version-1 runtime."""
+    grouped = any(int(n.get("attrs", {}).get("groups", 1)) != 1 for n in graph.get("nodes", []))
+    return GROUPED_VERSION if grouped else 1
+
+
 def pack_aqz(graph: dict, safetensors_bytes: bytes) -> bytes:
     """The whole ``.aqz`` file for a graph and its tensors already serialised as safetensors."""
     graph_bytes = json.dumps(graph, sort_keys=True, separators=(",", ":")).encode("utf-8")
     payload = struct.pack("<Q", len(graph_bytes)) + graph_bytes + safetensors_bytes
-    return HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(payload), hashlib.sha256(payload).digest()) + payload
+    version = required_version(graph)
+    return HEADER.pack(MAGIC, version, 0, len(payload), hashlib.sha256(payload).digest()) + payload
 
 
 def parse_aqz(data: bytes, source: str = "<bytes>") -> AQZ:
@@ -72,21 +81,36 @@ def parse_aqz(data: bytes, source: str = "<bytes>") -> AQZ:
         raise ValueError(f"{source}: truncated: {len(data)} bytes, shorter than the {HEADER_SIZE}-byte header")
     magic, version, flags, length, digest = HEADER.unpack_from(data, 0)
     if magic != MAGIC:
-        raise ValueError(f"{source}: bad magic bytes {bytes(magic)!r}: not an .aqz file")
-    if version != FORMAT_VERSION:
-        if 0 < version <= FORMAT_VERSION + 16:  # plausibly a real, newer (or older) format
-            raise ValueError(f"{source}: unsupported format version {version} (this runtime reads {FORMAT_VERSION})")
-        raise ValueError(f"{source}: corrupted header: its version field reads {version} (the header itself "
-                         "carries no checksum; the file is damaged)")
+        one_off = sum(a != b for a, b in zip(bytes(magic), MAGIC, strict=True)) == 1
+        raise ValueError(f"{source}: bad magic bytes {bytes(magic)!r}: "
+                         + ("one byte off an .aqz file's, so its header is damaged" if one_off else "not an .aqz file"))
+    # The header has no checksum of its own, but the payload does: when the payload is intact and this
+    # runtime reads its graph, a version, flags or length field that disagrees is a damaged header —
+    # reported as such, not as a format this runtime lacks or a truncated file.
+    payload = data[HEADER_SIZE:]
+    intact = hashlib.sha256(payload).digest() == digest
+    damaged = f"{source}: corrupted header (its payload is intact: the SHA-256 matches): "
+    if not 1 <= version <= FORMAT_VERSION:
+        readable = _readable_version(payload) if intact else None
+        if readable is not None:
+            raise ValueError(damaged + f"the version field reads {version}, but the graph is a version-{readable} "
+                             f"document, which this runtime reads (1–{FORMAT_VERSION})")
+        if intact and 0 < version <= FORMAT_VERSION + 16:  # plausibly a real, newer format
+            raise ValueError(f"{source}: unsupported format version {version} (this runtime reads 1–{FORMAT_VERSION})")
+        raise ValueError(f"{source}: corrupted file: its version field reads {version} and the payload's SHA-256 "
+                         "does not match the header's" if not intact else
+                         f"{source}: corrupted header: its version field reads {version}")
     if flags != 0:
-        raise ValueError(f"{source}: unknown header flags {flags:#x}")
+        raise ValueError(damaged + f"the flags field reads {flags:#x}, and no flags are defined" if intact else
+                         f"{source}: corrupted file: unknown header flags {flags:#x} and a payload checksum mismatch")
     actual = len(data) - HEADER_SIZE
+    if actual != length and intact:
+        raise ValueError(damaged + f"the length field reads {length}, the payload holds {actual} bytes")
     if actual < length:
         raise ValueError(f"{source}: truncated: header declares a {length}-byte payload, file holds {actual}")
     if actual > length:
         raise ValueError(f"{source}: length mismatch: header declares a {length}-byte payload, file holds {actual}")
-    payload = data[HEADER_SIZE:]
-    if hashlib.sha256(payload).digest() != digest:
+    if not intact:
         raise ValueError(f"{source}: checksum mismatch: the payload's SHA-256 differs from the header's (corrupted)")
     if length < 8:
         raise ValueError(f"{source}: payload too short for the graph length field")
@@ -99,11 +123,29 @@ def parse_aqz(data: bytes, source: str = "<bytes>") -> AQZ:
         raise ValueError(f"{source}: graph JSON is invalid: {err}") from err
     if not isinstance(graph, dict) or graph.get("format") != GRAPH_FORMAT:
         raise ValueError(f"{source}: graph is not an {GRAPH_FORMAT!r} document")
+    if required_version(graph) > version:
+        raise ValueError(f"{source}: format version {version} file holds grouped layers (attrs.groups), which "
+                         f"need version {GROUPED_VERSION}")
     tensors = read_safetensors(bytes(payload[8 + graph_len :]), source)
     missing = sorted({name for node in graph["nodes"] for name in node.get("params", {}).values()} - set(tensors))
     if missing:
         raise ValueError(f"{source}: graph refers to tensors absent from the file: {missing[:5]}")
     return AQZ(graph, tensors)
+
+
+def _readable_version(payload) -> int | None:
+    """The format version an (intact) payload's graph needs when this runtime reads it, else None:
+    the graph parses, is an adderquant integer graph, declares no ``format_version`` beyond this
+    runtime's, and needs no feature newer than it (:func:`required_version`)."""
+    try:
+        (graph_len,) = struct.unpack_from("<Q", payload, 0)
+        graph = json.loads(bytes(payload[8 : 8 + graph_len]).decode("utf-8"))
+        if not isinstance(graph, dict) or graph.get("format") != GRAPH_FORMAT:
+            return None
+        needed = max(required_version(graph), int(graph.get("format_version", 1)))
+    except (struct.error, UnicodeDecodeError, ValueError, TypeError, AttributeError):
+        return None
+    return needed if needed <= FORMAT_VERSION else None
 
 
 def load_aqz(path) -> AQZ:
@@ -290,7 +332,29 @@ def _op_quantize(node, t, x):
 
 
 def _op_conv(node, t, x):
-    return conv_int(x, t["weight"], *_pairs(node["attrs"], "stride", "padding", "dilation"))
+    geo, groups = _pairs(node["attrs"], "stride", "padding", "dilation"), int(node["attrs"].get("groups", 1))
+    w = t["weight"]
+    if groups == 1:
+        return conv_int(x, w, *geo)
+    cg, og = x.shape[1] // groups, w.shape[0] // groups  # grouped: one convolution per channel group
+    return np.concatenate([conv_int(x[:, g * cg : (g + 1) * cg], w[g * og : (g + 1) * og], *geo)
+                           for g in range(groups)], axis=1)
+
+
+def _grouped_adder_int(xq, excess, w, idx, groups: int, geo, qmin: int, qmax: int) -> np.ndarray:
+    """A grouped adder layer's accumulators of the output channels ``idx``: per conv group holding some of
+    them, ``adder_int`` on that group's input channels (minus their box sum of ``excess``, when given)."""
+    cg, owner = xq.shape[1] // groups, idx // (w.shape[0] // groups)
+    out = None
+    for g in np.unique(owner):
+        sel = np.nonzero(owner == g)[0]
+        acc = adder_int(xq[:, g * cg : (g + 1) * cg], w[idx[sel]], *geo, qmin, qmax)
+        if excess is not None:
+            acc = acc - box_sum(excess[:, g * cg : (g + 1) * cg], w.shape[2:], *geo)
+        if out is None:
+            out = np.empty((xq.shape[0], idx.size) + acc.shape[2:], dtype=np.int64)
+        out[:, sel] = acc
+    return out
 
 
 def _op_linear(node, t, x):
@@ -315,10 +379,13 @@ def _op_adder(node, t, x):
             else:
                 cache = {key: (None, quantize_clamped(x, quant_thresholds(*key, a["qmin"], a["qmax"]), a["qmin"]))}
         wide, xq = cache[key]
-        acc = adder_int(xq, w[idx], *geo, a["qmin"], a["qmax"])
-        if a["lossless_act_clamp"]:
-            excess = np.maximum(wide - a["qmax"], 0) + np.maximum(a["qmin"] - wide, 0)
-            acc = acc - box_sum(excess, w.shape[2:], *geo)
+        excess = np.maximum(wide - a["qmax"], 0) + np.maximum(a["qmin"] - wide, 0) if a["lossless_act_clamp"] else None
+        if int(a.get("groups", 1)) != 1:  # grouped (format version 2): each conv group on its own channels
+            acc = _grouped_adder_int(xq, excess, w, idx, int(a["groups"]), geo, a["qmin"], a["qmax"])
+        else:
+            acc = adder_int(xq, w[idx], *geo, a["qmin"], a["qmax"])
+            if excess is not None:
+                acc = acc - box_sum(excess, w.shape[2:], *geo)
         if out is None:
             out = np.empty((x.shape[0], w.shape[0]) + acc.shape[2:], dtype=np.int64)
         out[:, idx] = acc

@@ -7,6 +7,12 @@ already normalised to pairs), ``requant`` and ``quantize`` (the integer engine's
 The pure-PyTorch ``reference`` backend implements all of them and is what every faster backend is
 tested against.
 
+Grouped layers (``groups`` as in ``nn.Conv2d``: weight (O, C/groups, kh, kw), output channel block g
+reads input channel block g only): a backend that lists an op in ``grouped_ops`` takes a ``groups=``
+keyword for it; for any other backend (the Triton one) and for ``int_forward`` the dispatch calls the
+dense op once per group on the channel slices and concatenates the results. ``groups=1`` calls every
+backend exactly as before.
+
 Selection: the first registered backend (fastest first) that supports the call, unless
 ``ADDERQUANT_BACKEND`` or :func:`use_backend` names one.
 """
@@ -79,34 +85,62 @@ def _pair(v) -> Pair:
     return (int(a), int(b))
 
 
-def adder_forward(x, weight, stride=1, padding=0, dilation=1) -> torch.Tensor:
-    """``Y[n,o,p] = -Σ_k |X_unf[n,k,p] - W[o,k]|`` (no bias, no validation: see nn.functional)."""
-    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
-    return _pick("forward", x, weight)(x, weight, s, p, d)
+def _check_groups(groups: int, x: torch.Tensor, weight: torch.Tensor) -> int:
+    groups = int(groups)
+    if groups < 1 or weight.shape[0] % groups or x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"adder kernels: groups={groups} does not fit input channels {x.shape[1]}, weight "
+                         f"{tuple(weight.shape)} (need C = groups·weight.shape[1] and O divisible by groups)")
+    return groups
 
 
-def adder_grad_input(grad_out, x, weight, stride=1, padding=0, dilation=1) -> torch.Tensor:
-    """``dX_unf[n,k,p] = Σ_o G[n,o,p] · HardTanh(W[o,k] - X_unf[n,k,p])``, folded back to X's shape."""
-    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
-    return _pick("grad_input", grad_out, x, weight)(grad_out, x, weight, s, p, d)
+def _run(op: str, groups: int, grad_out, x, weight, geometry) -> torch.Tensor:
+    """One backend call, or one per group on channel slices when the backend has no grouped ``op``."""
+    tensors = (x, weight) if grad_out is None else (grad_out, x, weight)
+    if groups == 1:
+        return _pick(op, *tensors)(*tensors, *geometry)
+    backend = _choose(op, *tensors)
+    if op in getattr(backend, "grouped_ops", ()):
+        return getattr(backend, op)(*tensors, *geometry, groups=groups)
+    cg, og = x.shape[1] // groups, weight.shape[0] // groups
+    parts = []
+    for g in range(groups):  # the backend is chosen for the slices (the dense int8 kernels take those)
+        xs, ws = x[:, g * cg : (g + 1) * cg], weight[g * og : (g + 1) * og]
+        sliced = (xs, ws) if grad_out is None else (grad_out[:, g * og : (g + 1) * og], xs, ws)
+        parts.append(_pick(op, *sliced)(*sliced, *geometry))
+    return torch.cat(parts, dim=0 if op == "grad_weight" else 1)
 
 
-def adder_grad_weight(grad_out, x, weight, stride=1, padding=0, dilation=1) -> torch.Tensor:
+def adder_forward(x, weight, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """``Y[n,o,p] = -Σ_k |X_unf[n,k,p] - W[o,k]|`` (no bias, no validation: see nn.functional); with
+    ``groups``, k runs over output channel o's group of input channels only."""
+    geometry = (_pair(stride), _pair(padding), _pair(dilation))
+    return _run("forward", _check_groups(groups, x, weight), None, x, weight, geometry)
+
+
+def adder_grad_input(grad_out, x, weight, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """``dX_unf[n,k,p] = Σ_o G[n,o,p] · HardTanh(W[o,k] - X_unf[n,k,p])``, folded back to X's shape
+    (o over the output channels of k's group)."""
+    geometry = (_pair(stride), _pair(padding), _pair(dilation))
+    return _run("grad_input", _check_groups(groups, x, weight), grad_out, x, weight, geometry)
+
+
+def adder_grad_weight(grad_out, x, weight, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
     """``dW[o,k] = Σ_{n,p} G[n,o,p] · (X_unf[n,k,p] - W[o,k])`` — the full-precision AdderNet gradient."""
-    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
-    return _pick("grad_weight", grad_out, x, weight)(grad_out, x, weight, s, p, d)
+    geometry = (_pair(stride), _pair(padding), _pair(dilation))
+    return _run("grad_weight", _check_groups(groups, x, weight), grad_out, x, weight, geometry)
 
 
-def int_adder_conv2d(x_q, w_q, stride=1, padding=0, dilation=1) -> torch.Tensor:
+def int_adder_conv2d(x_q, w_q, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
     """Integer adder layer: ``acc[n,o,p] = -Σ_k |x_q - w_q|`` in int32; padding is a real zero input.
 
-    ``x_q`` is int8 or uint8 (N, C, H, W), ``w_q`` int8 (O, C, kh, kw); the result is exact.
+    ``x_q`` is int8 or uint8 (N, C, H, W), ``w_q`` int8 (O, C/groups, kh, kw); the result is exact. Grouped
+    layers run the dense integer kernel once per group on channel slices.
     """
     for name, t in (("x_q", x_q), ("w_q", w_q)):
         if t.dtype not in (torch.int8, torch.uint8, torch.int16, torch.int32):
             raise TypeError(f"int_adder_conv2d: {name} must be an integer tensor, got {t.dtype}")
-    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
-    return _pick("int_forward", x_q, w_q)(x_q, w_q, s, p, d)
+    geometry = (_pair(stride), _pair(padding), _pair(dilation))
+    return _run("int_forward", _check_groups(groups, x_q, w_q), None, x_q, w_q, geometry)
 
 
 def int_requant(v, mult, shift, bias, residual=None, relu=False) -> torch.Tensor:

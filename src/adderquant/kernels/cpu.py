@@ -6,6 +6,9 @@ It serves the float32 forward and input gradient (AVX2 / AVX-512 register-blocke
 the integer engine's fused element-wise ops (requantise + residual + ReLU; threshold quantisation)
 for contiguous-able CPU tensors; everything else — float64 (the tests' reference precision), other
 devices and dtypes — is left to the next backend by ``supports()`` returning False or the method being absent.
+The integer forward takes int8/uint8 inputs and int8/int16 weights (csrc/int_net.c, the same kernels as the
+integer engine's network runner, whose ``aq_plan_*`` entry points are declared here and driven by
+``adderquant.integer.cpu_plan``).
 
 The extension is optional: when it was not built (no compiler at install time) ``BACKEND`` is
 ``None`` and nothing is registered. Threads follow ``torch.get_num_threads()``.
@@ -42,7 +45,9 @@ def _load() -> ctypes.CDLL | None:
     for fname, args in (
         ("aq_forward_f32", [p, p, p, i64p, i]),
         ("aq_grad_input_f32", [p, p, p, p, i64p, i]),
-        ("aq_int_forward", [p, i, p, p, i64p, i]),
+        ("aq_forward_f32_g", [p, p, p, i64p, ctypes.c_int64, i]),
+        ("aq_grad_input_f32_g", [p, p, p, p, i64p, ctypes.c_int64, i]),
+        ("aq_int_forward", [p, i, p, i, p, i64p, i]),
         ("aq_requant", [p, i, p, p, p, p, i, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, i]),
         ("aq_quantize", [p, ctypes.c_int64, p, ctypes.c_int64, ctypes.c_int64, i, p, i]),
         ("aq_set_isa", [i]),
@@ -52,6 +57,27 @@ def _load() -> ctypes.CDLL | None:
     ):
         fn = getattr(lib, fname)
         fn.argtypes, fn.restype = args, ctypes.c_int
+    i64, d, dp = ctypes.c_int64, ctypes.c_double, ctypes.POINTER(ctypes.c_double)
+    for fname, args, res in (  # the integer network runner (csrc/int_net.c; adderquant.integer.cpu_plan)
+        ("aq_plan_new", [i64, i64, i64], p),
+        ("aq_plan_free", [p], None),
+        ("aq_plan_codebuf", [p, i64, i64, i64, i64, i64, i64], i),
+        ("aq_plan_zbuf", [p, i64, i64, i64], i),
+        ("aq_plan_buf_bytes", [p, i], i64),
+        ("aq_plan_place", [p, i, i64], i),
+        ("aq_plan_stem", [p, i64p, p, p], i),
+        ("aq_plan_adder", [p, i64p, i, p, p, i64, p], i),
+        ("aq_plan_epilogue", [p, i, p, p, p, i, i, i, i], i),
+        ("aq_plan_codeout", [p, i, i, i64, i64, p, i64, d, d, dp, dp, dp], i),
+        ("aq_plan_codeout_tables", [p, i, p, p, i, i], i),
+        ("aq_plan_tail", [p, i, p, i64, i64, i64, p, p, p, p, i], i),
+        ("aq_plan_finalize", [p, i64], i),
+        ("aq_plan_run", [p, p, i64, p, i], i),
+        ("aq_plan_run_op", [p, i, i64, p, p, i], i),
+        ("aq_plan_num_ops", [p], i),
+    ):
+        fn = getattr(lib, fname)
+        fn.argtypes, fn.restype = args, res
     return lib
 
 
@@ -101,12 +127,15 @@ def _cpu4(t) -> bool:
 
 
 def _check(rc: int) -> None:
+    if rc == 2:
+        raise ValueError("adderquant._adder_cpu: groups do not divide the channel counts")
     if rc != 0:
         raise MemoryError("adderquant._adder_cpu: out of memory")
 
 
 class _Cpu:
     name = "cpu"
+    grouped_ops = ("forward", "grad_input", "grad_weight")  # groups as nn.Conv2d, in the C loops
 
     def __init__(self, lib: ctypes.CDLL):
         self._lib = lib
@@ -116,28 +145,31 @@ class _Cpu:
             return (
                 len(tensors) >= 2
                 and all(_cpu4(t) and t.dtype == torch.float32 for t in tensors)
-                and tensors[-2].shape[1] == tensors[-1].shape[1]
+                and tensors[-1].shape[1] > 0
+                and tensors[-2].shape[1] % tensors[-1].shape[1] == 0  # groups = the quotient
             )
         if op == "int_forward":
             x, w = tensors[:2]
-            return _cpu4(x) and _cpu4(w) and x.dtype in _INT_X and w.dtype == torch.int8 and x.shape[1] == w.shape[1]
+            return (_cpu4(x) and _cpu4(w) and x.dtype in _INT_X and w.dtype in (torch.int8, torch.int16)
+                    and x.shape[1] == w.shape[1])
         if op in ("requant", "quantize"):
             return all(t.device.type == "cpu" for t in tensors)
         return False
 
-    def forward(self, x, weight, stride, padding, dilation):
+    def forward(self, x, weight, stride, padding, dilation, groups=1):
         geom, ho, wo = _geometry(x, weight, stride, padding, dilation)
         if _degenerate(x, weight, ho, wo):
-            return reference.BACKEND.forward(x, weight, stride, padding, dilation)
+            return reference.BACKEND.forward(x, weight, stride, padding, dilation, groups)
         x, weight = x.contiguous(), weight.contiguous()
         y = torch.empty((x.shape[0], weight.shape[0], ho, wo), dtype=torch.float32)
-        _check(self._lib.aq_forward_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), geom, torch.get_num_threads()))
+        _check(self._lib.aq_forward_f32_g(x.data_ptr(), weight.data_ptr(), y.data_ptr(), geom, groups,
+                                          torch.get_num_threads()))
         return y
 
-    def grad_input(self, grad_out, x, weight, stride, padding, dilation):
+    def grad_input(self, grad_out, x, weight, stride, padding, dilation, groups=1):
         geom, ho, wo = _geometry(x, weight, stride, padding, dilation)
         if _degenerate(x, weight, ho, wo):
-            return reference.BACKEND.grad_input(grad_out, x, weight, stride, padding, dilation)
+            return reference.BACKEND.grad_input(grad_out, x, weight, stride, padding, dilation, groups)
         grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
         if tuple(grad_out.shape) != (x.shape[0], weight.shape[0], ho, wo):
             raise ValueError(
@@ -146,18 +178,20 @@ class _Cpu:
             )
         gx = torch.empty(x.shape, dtype=torch.float32)
         _check(
-            self._lib.aq_grad_input_f32(
-                grad_out.data_ptr(), x.data_ptr(), weight.data_ptr(), gx.data_ptr(), geom, torch.get_num_threads()
+            self._lib.aq_grad_input_f32_g(
+                grad_out.data_ptr(), x.data_ptr(), weight.data_ptr(), gx.data_ptr(), geom, groups,
+                torch.get_num_threads(),
             )
         )
         return gx
 
-    def grad_weight(self, grad_out, x, weight, stride, padding, dilation):
+    def grad_weight(self, grad_out, x, weight, stride, padding, dilation, groups=1):
         """``Σ G·X_unf − W·ΣG``: the first term is exactly conv2d's weight gradient, which oneDNN computes
         without materialising the unfolded input (1.2–13× faster than the reference's unfold + einsum
         on ResNet-20 shapes, ``benchmarks/bench_cpu.py --grad``; float32 on the CPU, where no TF32
-        shortcut applies)."""
-        gw = torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, stride=stride, padding=padding, dilation=dilation)
+        shortcut applies; grouped layers: conv2d's grouped weight gradient)."""
+        gw = torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, stride=stride, padding=padding, dilation=dilation,
+                                         groups=groups)
         return gw - weight * grad_out.sum((0, 2, 3)).view(-1, 1, 1, 1)
 
     def int_forward(self, x_q, w_q, stride, padding, dilation):
@@ -166,16 +200,11 @@ class _Cpu:
             return reference.BACKEND.int_forward(x_q, w_q, stride, padding, dilation)
         x_q, w_q = x_q.contiguous(), w_q.contiguous()
         y = torch.empty((x_q.shape[0], w_q.shape[0], ho, wo), dtype=torch.int32)
-        _check(
-            self._lib.aq_int_forward(
-                x_q.data_ptr(),
-                int(x_q.dtype == torch.uint8),
-                w_q.data_ptr(),
-                y.data_ptr(),
-                geom,
-                torch.get_num_threads(),
-            )
-        )
+        rc = self._lib.aq_int_forward(x_q.data_ptr(), int(x_q.dtype == torch.uint8), w_q.data_ptr(),
+                                      int(w_q.dtype == torch.int16), y.data_ptr(), geom, torch.get_num_threads())
+        if rc == 3:
+            raise OverflowError("int_adder_conv2d: the accumulator would leave int32")
+        _check(rc)
         return y
 
     def requant(self, v, mult, shift, bias, residual, relu):

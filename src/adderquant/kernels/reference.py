@@ -38,40 +38,50 @@ def out_hw(x, kernel, stride, padding, dilation) -> tuple[int, int]:
 
 class _Reference:
     name = "reference"
+    grouped_ops = ("forward", "grad_input", "grad_weight")  # groups (nn.Conv2d's) natively, as a batch dim
 
     def supports(self, op, *tensors):
         return True
 
-    def forward(self, x, weight, stride, padding, dilation):
-        n, o = x.shape[0], weight.shape[0]
+    def forward(self, x, weight, stride, padding, dilation, groups=1):
+        n, o, g = x.shape[0], weight.shape[0], groups
         kernel = tuple(weight.shape[2:])
         ho, wo = out_hw(x, kernel, stride, padding, dilation)
-        cols = _unfold(x, kernel, stride, padding, dilation).transpose(1, 2)  # (N, P, K)
+        cols = _unfold(x, kernel, stride, padding, dilation).transpose(1, 2)  # (N, P, K), K in (c, i, j) order
         w = weight.reshape(o, -1).to(cols.dtype)
-        dist = torch.cdist(cols.contiguous(), w.unsqueeze(0).expand(n, -1, -1).contiguous(), p=1)
+        if g == 1:
+            dist = torch.cdist(cols.contiguous(), w.unsqueeze(0).expand(n, -1, -1).contiguous(), p=1)
+            return dist.neg_().transpose(1, 2).reshape(n, o, ho, wo)
+        kg, p = w.shape[1], cols.shape[1]  # group g's columns are [g·kg, (g+1)·kg): channels are outermost
+        cols = cols.reshape(n, p, g, kg).transpose(1, 2).reshape(n * g, p, kg)
+        wg = w.reshape(1, g, o // g, kg).expand(n, -1, -1, -1).reshape(n * g, o // g, kg)
+        dist = torch.cdist(cols.contiguous(), wg.contiguous(), p=1)  # (N·G, P, O/G)
         return dist.neg_().transpose(1, 2).reshape(n, o, ho, wo)
 
-    def grad_input(self, grad_out, x, weight, stride, padding, dilation):
-        n, o = x.shape[0], weight.shape[0]
+    def grad_input(self, grad_out, x, weight, stride, padding, dilation, groups=1):
+        n, o, g = x.shape[0], weight.shape[0], groups
         kernel = tuple(weight.shape[2:])
         cols = _unfold(x, kernel, stride, padding, dilation)  # (N, K, P)
-        g = grad_out.reshape(n, o, -1).to(cols.dtype)
-        w = weight.reshape(o, -1).to(cols.dtype)
-        grad_cols = torch.zeros_like(cols)
+        kg, p = weight[0].numel(), cols.shape[2]
+        colsg = cols.reshape(n, g, 1, kg, p)
+        gg = grad_out.reshape(n, g, o // g, 1, p).to(cols.dtype)
+        w = weight.reshape(g, o // g, kg, 1).to(cols.dtype)
+        grad_cols = torch.zeros((n, g, kg, p), dtype=cols.dtype, device=cols.device)
         step = max(1, _CHUNK_FACTOR)
-        for start in range(0, o, step):
-            wc = w[start : start + step, :, None]  # (c, K, 1)
-            diff = (wc.unsqueeze(0) - cols.unsqueeze(1)).clamp_(-1, 1)  # (N, c, K, P)
-            grad_cols += (diff * g[:, start : start + step, None, :]).sum(1)
-        return F.fold(grad_cols, x.shape[2:], kernel, dilation=dilation, padding=padding, stride=stride)
+        for start in range(0, o // g, step):
+            diff = (w[:, start : start + step].unsqueeze(0) - colsg).clamp_(-1, 1)  # (N, G, c, Kg, P)
+            grad_cols += (diff * gg[:, :, start : start + step]).sum(2)
+        return F.fold(grad_cols.reshape(n, g * kg, p), x.shape[2:], kernel, dilation=dilation, padding=padding,
+                      stride=stride)
 
-    def grad_weight(self, grad_out, x, weight, stride, padding, dilation):
-        n, o = x.shape[0], weight.shape[0]
+    def grad_weight(self, grad_out, x, weight, stride, padding, dilation, groups=1):
+        n, o, g = x.shape[0], weight.shape[0], groups
         kernel = tuple(weight.shape[2:])
         cols = _unfold(x, kernel, stride, padding, dilation)  # (N, K, P)
-        g = grad_out.reshape(n, o, -1).to(cols.dtype)
-        gx = torch.einsum("nop,nkp->ok", g, cols)
-        gsum = g.sum(dim=(0, 2))
+        kg = weight[0].numel()
+        gr = grad_out.reshape(n, g, o // g, -1).to(cols.dtype)
+        gx = torch.einsum("ngop,ngkp->gok", gr, cols.reshape(n, g, kg, -1)).reshape(o, kg)
+        gsum = gr.sum(dim=(0, 3)).reshape(o)
         w = weight.reshape(o, -1).to(cols.dtype)
         return (gx - w * gsum[:, None]).reshape(weight.shape).to(weight.dtype)
 

@@ -4,9 +4,11 @@ What is kept conventional, and why:
 
 - with ``keep_first_last`` (the default, as in every AdderNet paper) the first convolution (the stem,
   which sees raw pixels) and the last conv/linear layer (the classifier) stay multiplications;
-- grouped and depthwise convolutions (``groups > 1``): the adder kernels compute dense layers only, so
-  they stay conventional and a warning names them;
-- padding modes other than zeros, for the same reason.
+- padding modes other than zeros (and string padding such as ``"same"``): the adder kernels pad with
+  a real zero activation only, so such convs stay conventional and a warning names them.
+
+Grouped and depthwise convolutions (``groups > 1``) become grouped ``AdderConv2d`` layers (same
+``groups``, weight (O, C/groups, kh, kw)).
 
 Weights: ``copy_weights=False`` (the default) re-initialises each adder layer as ``AdderConv2d`` does
 (``nn.Conv2d``'s default init, from which AdderNets train): a conv's weights are templates for a
@@ -48,11 +50,11 @@ def adderize(model: nn.Module, keep_first_last: bool = True, copy_weights: bool 
                          + (" besides its first and last layers (keep_first_last=True)" if keep else ""))
     skipped = []
     for name, conv in convs:
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             skipped.append(name)
             continue
         adder = AdderConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                            conv.dilation, bias=conv.bias is not None, eta=eta)
+                            conv.dilation, bias=conv.bias is not None, eta=eta, groups=conv.groups)
         if copy_weights:
             with torch.no_grad():
                 adder.weight.copy_(conv.weight)
@@ -60,8 +62,9 @@ def adderize(model: nn.Module, keep_first_last: bool = True, copy_weights: bool 
                     adder.bias.copy_(conv.bias)
         set_submodule(model, name, adder.to(conv.weight.device, conv.weight.dtype))
     if skipped:
-        warnings.warn(f"adderize kept {len(skipped)} grouped/depthwise or non-zero-padded conv layer(s) "
-                      f"conventional: {', '.join(skipped[:6])}" + (" …" if len(skipped) > 6 else ""), stacklevel=2)
+        warnings.warn(f"adderize kept {len(skipped)} conv layer(s) with string padding or a padding mode other "
+                      f"than zeros conventional: {', '.join(skipped[:6])}" + (" …" if len(skipped) > 6 else ""),
+                      stacklevel=2)
     unnormalised = _without_normalisation(model)
     if unnormalised:
         warnings.warn("adder layer(s) not followed by a normalisation layer (AdderNets then tend to train at "

@@ -10,6 +10,11 @@ Backward (the AdderNet rules, not the true derivative of |·|)::
     ∂L/∂X_unf    = Σ_o     G[n,o,p] · HardTanh(W[o,k] - X_unf[n,k,p])   clipped, then folded to X
     adaptive lr:   ∂L/∂W ← η · sqrt(numel(W)) · ∂L/∂W / ‖∂L/∂W‖₂        (skipped when η is None)
 
+Grouped layers (``groups`` as in ``nn.Conv2d``; depthwise: groups = C): weight (O, C/groups, kh, kw),
+and output channel o sums over the C/groups input channels of its group only — in the forward and in
+both gradients (∂X gathers only the output channels of its own group). η rescales the whole layer's
+gradient once, as for a dense layer.
+
 All arithmetic is done by :mod:`adderquant.kernels`, the single dispatch point for backends.
 """
 
@@ -34,7 +39,7 @@ def _pair(name: str, v) -> tuple[int, int]:
     return a, b
 
 
-def _check(input, weight, bias, stride, padding, dilation):
+def _check(input, weight, bias, stride, padding, dilation, groups=1):
     for name, t in (("input", input), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"adder_conv2d: {name} must be a tensor, got {type(t).__name__}")
@@ -45,9 +50,14 @@ def _check(input, weight, bias, stride, padding, dilation):
     s, p, d = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
     if min(s) < 1 or min(d) < 1 or min(p) < 0:
         raise ValueError(f"adder_conv2d: need stride ≥ 1, dilation ≥ 1, padding ≥ 0; got {s}, {d}, {p}")
-    if input.shape[1] != weight.shape[1]:
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"adder_conv2d: groups must be a positive int, got {groups!r}")
+    if weight.shape[0] % groups:
+        raise ValueError(f"adder_conv2d: {weight.shape[0]} output channels are not divisible by groups={groups}")
+    if input.shape[1] != weight.shape[1] * groups:
         raise ValueError(
-            f"adder_conv2d: input has {input.shape[1]} channels but weight expects {weight.shape[1]}"
+            f"adder_conv2d: input has {input.shape[1]} channels but weight expects {weight.shape[1] * groups}"
+            + (f" ({groups} groups of {weight.shape[1]})" if groups > 1 else "")
         )
     for axis in (0, 1):
         span = d[axis] * (weight.shape[2 + axis] - 1) + 1
@@ -72,11 +82,11 @@ def adaptive_scale(grad_w: torch.Tensor, eta: float | None) -> torch.Tensor:
 
 class _AdderFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, stride, padding, dilation, eta):
+    def forward(ctx, x, weight, stride, padding, dilation, eta, groups):
         ctx.save_for_backward(x, weight)
-        ctx.geometry = (stride, padding, dilation)
+        ctx.geometry = (stride, padding, dilation, groups)
         ctx.eta = eta
-        return kernels.adder_forward(x, weight, stride, padding, dilation)
+        return kernels.adder_forward(x, weight, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -87,19 +97,56 @@ class _AdderFunction(torch.autograd.Function):
             grad_x = kernels.adder_grad_input(grad_out, x, weight, *ctx.geometry)
         if ctx.needs_input_grad[1]:
             grad_w = adaptive_scale(kernels.adder_grad_weight(grad_out, x, weight, *ctx.geometry), ctx.eta)
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
 
 
-def adder_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, eta: float | None = None):
-    """Adder convolution ``-Σ|X - W|``; shapes follow ``torch.nn.functional.conv2d`` (groups=1).
+class _LatentAdderFunction(torch.autograd.Function):
+    """Forward with the weights ``used``; backward by the AdderNet rules on the weights ``latent``."""
+
+    @staticmethod
+    def forward(ctx, x, used, latent, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, latent)
+        ctx.geometry = (stride, padding, dilation, groups)
+        return kernels.adder_forward(x, used, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, latent = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = kernels.adder_grad_input(grad_out, x, latent, *ctx.geometry)
+        if ctx.needs_input_grad[2]:
+            grad_w = kernels.adder_grad_weight(grad_out, x, latent, *ctx.geometry)
+        return grad_x, None, grad_w, None, None, None, None
+
+
+def adder_conv2d_latent(input, weight, latent, stride=1, padding=0, dilation=1, groups: int = 1):
+    """``-Σ|X − weight|`` whose backward applies the AdderNet rules to ``latent`` instead of ``weight``.
+
+    For a quantized layer whose ``weight`` is the clamped, rounded image of ``latent`` (the fold of
+    Theorem 1 keeps the function): the straight-through estimator through clamp and rounding, with the
+    input gradient ``HardTanh(latent − X)`` of the full-precision layer. The gradient reaches ``latent``
+    only (no η scaling here: the caller scales the whole layer once)."""
+    s, p, d = _check(input, weight, None, stride, padding, dilation, groups)
+    if latent.shape != weight.shape:
+        raise ValueError(f"adder_conv2d_latent: latent {tuple(latent.shape)} and weight {tuple(weight.shape)} differ")
+    compute = torch.float64 if torch.float64 in (input.dtype, weight.dtype, latent.dtype) else torch.float32
+    return _LatentAdderFunction.apply(input.to(compute), weight.to(compute), latent.to(compute), s, p, d, groups)
+
+
+def adder_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, eta: float | None = None,
+                 groups: int = 1):
+    """Adder convolution ``-Σ|X - W|``; shapes follow ``torch.nn.functional.conv2d``, ``groups`` included
+    (weight (O, C/groups, kh, kw); it comes after ``eta`` here, so pass it by name).
 
     ``eta`` sets the AdderNet adaptive weight-gradient scale (``None``: plain AdderNet gradient).
     Half-precision inputs are computed in float32 and returned in their own dtype.
     """
-    s, p, d = _check(input, weight, bias, stride, padding, dilation)
+    s, p, d = _check(input, weight, bias, stride, padding, dilation, groups)
     dtype = input.dtype
     compute = torch.float64 if torch.float64 in (input.dtype, weight.dtype) else torch.float32
-    y = _AdderFunction.apply(input.to(compute), weight.to(compute), s, p, d, eta)
+    y = _AdderFunction.apply(input.to(compute), weight.to(compute), s, p, d, eta, groups)
     if bias is not None:
         y = y + bias.to(compute).view(1, -1, 1, 1)
     return y.to(dtype) if dtype in (torch.float16, torch.bfloat16) else y

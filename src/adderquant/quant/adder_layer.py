@@ -30,6 +30,16 @@ In evaluation the accumulator ``x̄ ⊕ w̄`` is computed on integer-valued tens
 integer engine's int32 accumulator exactly. In training (QAT) the same function is computed on
 de-quantized values so that the AdderNet backward sees real-scale differences; rounding uses the
 straight-through estimator.
+
+**Latent weights (QAT).** After :meth:`QuantAdderConv2d.unfold` the parameter holds the unclamped
+full-precision weights; the forward pass clamps them into the fold interval and adds the fold bias
+``-Σ|W − clamp(W)|`` computed from them (Theorem 1: the same function), and the backward pass applies
+the AdderNet rules to the *unclamped* weights — the straight-through estimator through the fold. The
+clamped weights would break the AdderNet input gradient: on the unsigned grid every negative weight
+sits at 0, so ``HardTanh(W' − X) = −X`` for ~43 % of the output channels alike instead of ``≈ −1``
+for negative and ``≈ +1`` for positive weights; the input gradient then carries the all-channel sum
+of the output gradient and grows block by block (``scripts/qat_gradient_norms.py``).
+:meth:`QuantAdderConv2d.fold` returns to the clamped form the integer export reads.
 """
 
 from __future__ import annotations
@@ -38,15 +48,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.functional import adaptive_scale, adder_conv2d
+from ..nn.functional import adaptive_scale, adder_conv2d, adder_conv2d_latent
 from .uniform import int_range, quantize_int, round_ste, scale_for_range
 
 
-def window_sum(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+def window_sum(x: torch.Tensor, kernel, stride, padding, dilation, groups: int = 1) -> torch.Tensor:
     """Σ over each receptive field and every input channel: a channel sum, then an all-ones box filter
-    (additions only in hardware)."""
-    ones = torch.ones(1, 1, *kernel, dtype=x.dtype, device=x.device)
-    return F.conv2d(x.sum(1, keepdim=True), ones, stride=stride, padding=padding, dilation=dilation)
+    (additions only in hardware). With conv ``groups``, one sum per group of input channels: (N, groups, …)."""
+    ones = torch.ones(groups, 1, *kernel, dtype=x.dtype, device=x.device)
+    sums = x.sum(1, keepdim=True) if groups == 1 else x.unflatten(1, (groups, -1)).sum(2)
+    return F.conv2d(sums, ones, stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
 class QuantAdderConv2d(nn.Module):
@@ -54,11 +65,16 @@ class QuantAdderConv2d(nn.Module):
 
     def __init__(self, weight: torch.Tensor, stride, padding, dilation, *, bits: int, group_of: torch.Tensor,
                  ranges: torch.Tensor, clamp_bias: torch.Tensor | None, lossless_act_clamp: bool = False,
-                 eta: float | None = 0.2, signed: bool = True, grid: str = "uniform", weight_grid: str = "shared"):
+                 eta: float | None = 0.2, signed: bool = True, grid: str = "uniform", weight_grid: str = "shared",
+                 clamp_interval: tuple[torch.Tensor, torch.Tensor] | None = None, conv_groups: int = 1):
         super().__init__()
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.kernel_size = tuple(weight.shape[2:])
-        self.in_channels, self.out_channels = weight.shape[1], weight.shape[0]
+        if conv_groups < 1 or weight.shape[0] % conv_groups:
+            raise ValueError(f"conv_groups={conv_groups} must divide the {weight.shape[0]} output channels")
+        # conv_groups: nn.Conv2d's groups (weight (O, C/conv_groups, kh, kw)); `groups` is the scale groups'
+        self.conv_groups = conv_groups
+        self.in_channels, self.out_channels = weight.shape[1] * conv_groups, weight.shape[0]
         self.bits, self.eta, self.lossless_act_clamp, self.signed = bits, eta, lossless_act_clamp, signed
         if grid not in ("uniform", "apot"):
             raise ValueError(f"grid must be 'uniform' or 'apot', got {grid!r}")
@@ -77,6 +93,12 @@ class QuantAdderConv2d(nn.Module):
         self.register_buffer("group_of", group_of.to(torch.long))
         self.register_buffer("ranges", ranges.to(torch.float32))  # r_j, one per group
         self.register_buffer("clamp_bias", torch.zeros(weight.shape[0]) if clamp_bias is None else clamp_bias.float())
+        # The weight clamp's interval per output channel (float64, as the fold was computed); derived from
+        # the quantizer's facts, so not saved: a re-quantization rebuilds it.
+        lo, hi = clamp_interval if clamp_interval is not None else (None, None)
+        self.register_buffer("clamp_lo", None if lo is None else lo.double().reshape(-1, 1, 1, 1), persistent=False)
+        self.register_buffer("clamp_hi", None if hi is None else hi.double().reshape(-1, 1, 1, 1), persistent=False)
+        self.latent = False
 
     @property
     def groups(self) -> int:
@@ -96,15 +118,60 @@ class QuantAdderConv2d(nn.Module):
     def double_step(self) -> bool:
         return getattr(self, "weight_grid", "shared") == "double_step"
 
+    def _clamped_latent(self) -> torch.Tensor:
+        """The latent weights clamped into the fold interval, in float64 (as the PTQ fold computes it)."""
+        w = self.weight.detach().double()
+        return torch.minimum(torch.maximum(w, self.clamp_lo), self.clamp_hi)
+
+    def folded_weight(self) -> torch.Tensor:
+        """The weights the grid sees: the parameter itself, or with latent weights their clamp (no gradient:
+        the backward pass differentiates the latent weights)."""
+        if not self.latent:
+            return self.weight
+        return self._clamped_latent().to(self.weight.dtype)
+
+    def fold_bias(self) -> torch.Tensor:
+        """The bias of the layer: the stored fold bias plus, with latent weights, ``-Σ|W − clamp(W)|``."""
+        if not self.latent:
+            return self.clamp_bias
+        w = self.weight.detach().double()
+        return (self.clamp_bias.double() - (w - self._clamped_latent()).abs().flatten(1).sum(1)).float()
+
+    def unfold(self, latent: torch.Tensor) -> None:
+        """Hold the unclamped full-precision weights ``latent`` (QAT): same forward function, the AdderNet
+        backward on the latent weights. Needs the clamp interval the quantizer recorded."""
+        if self.grid != "uniform":
+            raise NotImplementedError("latent weights are implemented for the uniform grid only")
+        if tuple(latent.shape) != tuple(self.weight.shape):
+            raise ValueError(f"latent weights of shape {tuple(latent.shape)} for a layer of {tuple(self.weight.shape)}")
+        if self.clamp_lo is None:  # no weight clamp: the latent interval is unbounded
+            inf = torch.full((self.out_channels, 1, 1, 1), float("inf"), dtype=torch.float64, device=latent.device)
+            self.clamp_lo, self.clamp_hi = -inf, inf
+        with torch.no_grad():
+            self.weight.copy_(latent)
+        self.clamp_bias.zero_()
+        self.latent = True
+
+    def fold(self) -> None:
+        """Back to the clamped weights and a stored fold bias (what :func:`adderquant.integer.export` reads)."""
+        if not self.latent:
+            return
+        bias = self.fold_bias()
+        with torch.no_grad():
+            self.weight.copy_(self._clamped_latent().to(self.weight.dtype))
+            self.clamp_bias.copy_(bias)
+        self.latent = False
+
     def int_weight(self) -> torch.Tensor:
         """w̄ per channel with its group's scale, as integer-valued float (STE in training); for the
         double-step grid ``w_q`` on the signed grid with step ``2·s_j``."""
+        weight = self.folded_weight()
         if self.double_step:  # the formula in float64: ties (clamped weights at −r_x) go to even, exactly
             qn, qp = int_range(self.bits, True)
             r = self.ranges.double()[self.group_of].view(-1, 1, 1, 1)
-            codes = round_ste(self.weight.double() * (2**self.bits - 1) / (2 * r))
-            return torch.clamp(codes, qn, qp).to(self.weight.dtype)
-        return quantize_int(self.weight, self.channel_scales().view(-1, 1, 1, 1), self.bits, self.signed)
+            codes = round_ste(weight.double() * (2**self.bits - 1) / (2 * r))
+            return torch.clamp(codes, qn, qp).to(weight.dtype)
+        return quantize_int(weight, self.channel_scales().view(-1, 1, 1, 1), self.bits, self.signed)
 
     def acc_weight(self) -> torch.Tensor:
         """The weight operand of the integer accumulator, in units of the activation step ``s_j``:
@@ -129,6 +196,24 @@ class QuantAdderConv2d(nn.Module):
         per_channel = scales[self.group_of]
         return [(s, (per_channel == s).nonzero().flatten()) for s in torch.unique(scales)]
 
+    def call_rows(self, idx: torch.Tensor):
+        """The weight rows the adder call of scale set ``idx`` takes: ``idx`` itself, or every row of a
+        grouped layer (``conv_groups > 1``): its output channels read different input channels, so the
+        call covers the whole grouped layer on the set's quantized input and :meth:`call_outputs` keeps
+        the set's channels (docs/quantization.md, "Grouped layers")."""
+        return idx if self.conv_groups == 1 else slice(None)
+
+    def call_outputs(self, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The set's output channels of a :meth:`call_rows` call."""
+        return y if self.conv_groups == 1 else y[:, idx]
+
+    def window_excess(self, excess: torch.Tensor, geometry) -> torch.Tensor:
+        """``Σ_window Σ_channels excess`` over each output channel's own input channels, broadcastable
+        to the output of a :meth:`call_rows` call."""
+        g = self.conv_groups
+        box = window_sum(excess, self.kernel_size, *geometry, groups=g)
+        return box if g == 1 else box.repeat_interleave(self.out_channels // g, 1)
+
     def _apot_project(self, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """``r · Π(clamp(v / r))`` onto the APoT levels, straight-through in training."""
         from .apot import project
@@ -144,14 +229,15 @@ class QuantAdderConv2d(nn.Module):
         for r in torch.unique(self.ranges):
             idx = (self.ranges[self.group_of] == r).nonzero().flatten()
             r = r.to(x.dtype)
-            y = adder_conv2d(self._apot_project(x, r), w_q[idx], None, *geometry)
+            y = adder_conv2d(self._apot_project(x, r), w_q[self.call_rows(idx)], None, *geometry,
+                             groups=self.conv_groups)
             if self.lossless_act_clamp:
                 lo = -r if self.signed else torch.zeros_like(r)
                 excess = ((x - r).clamp_min(0) + (lo - x).clamp_min(0)).detach()
-                y = y - window_sum(excess, self.kernel_size, *geometry)
+                y = y - self.window_excess(excess, geometry)
             if out is None:
                 out = x.new_empty(x.shape[0], self.out_channels, y.shape[2], y.shape[3])
-            out[:, idx] = y
+            out[:, idx] = self.call_outputs(y, idx)
         return out + self.clamp_bias.to(x.dtype).view(1, -1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,29 +247,34 @@ class QuantAdderConv2d(nn.Module):
         train = self.training and torch.is_grad_enabled()
         if train:  # de-quantized weights; the AdderNet η rescaling applies to the whole layer once
             w_full = w_int * self.channel_scales().view(-1, 1, 1, 1).to(x.dtype)
-            if w_full.requires_grad and self.eta is not None:
-                w_full.register_hook(lambda g: adaptive_scale(g, self.eta))
+            w_grad = self.weight.view_as(self.weight) if self.latent else w_full  # what the backward differentiates
+            if w_grad.requires_grad and self.eta is not None:
+                w_grad.register_hook(lambda g: adaptive_scale(g, self.eta))
         qn, qp = self.int_bounds()
         geometry = (self.stride, self.padding, self.dilation)
-        out = None
+        out, cg = None, self.conv_groups
         for s, idx in self.scale_sets():
-            s = s.to(x.dtype)
+            s, rows = s.to(x.dtype), self.call_rows(idx)
             if train:
                 x_int = quantize_int(x, s, self.bits, self.signed)
-                y = adder_conv2d(x_int * s, w_full[idx], None, *geometry)
+                if self.latent:
+                    y = adder_conv2d_latent(x_int * s, w_full[rows].detach(), w_grad[rows], *geometry, groups=cg)
+                else:
+                    y = adder_conv2d(x_int * s, w_full[rows], None, *geometry, groups=cg)
             else:  # integer-valued operands: the accumulator is exact, as in the integer engine
                 x_wide = torch.round(x / s)
-                y = adder_conv2d(x_wide.clamp(qn, qp), w_int[idx], None, *geometry) * s
+                y = adder_conv2d(x_wide.clamp(qn, qp), w_int[rows], None, *geometry, groups=cg) * s
             if self.lossless_act_clamp:
                 excess = self.excess(torch.round(x / s).detach() if train else x_wide)
-                y = y - window_sum(excess, self.kernel_size, *geometry) * s
+                y = y - self.window_excess(excess, geometry) * s
             if out is None:
                 out = x.new_empty(x.shape[0], self.out_channels, y.shape[2], y.shape[3])
-            out[:, idx] = y
-        return out + self.clamp_bias.to(x.dtype).view(1, -1, 1, 1)
+            out[:, idx] = self.call_outputs(y, idx)
+        return out + self.fold_bias().to(x.dtype).view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, bits={self.bits}, "
                 f"groups={self.groups}, signed={self.signed}, grid={self.grid}, "
+                + (f"conv_groups={self.conv_groups}, " if self.conv_groups != 1 else "")
                 + (f"weight_grid={self.weight_grid}, " if self.double_step else "")
                 + f"lossless_act_clamp={self.lossless_act_clamp}")

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..data import tensor_batches
 from ..data.augment import random_crop_flip
-from ..utils import hooked
+from ..utils import hooked, progress_bar
 from .config import check_bn_options
 
 
@@ -65,7 +65,8 @@ def _source(calib, batch_size: int, cycle: bool, generator: torch.Generator):
 
 @torch.no_grad()
 def reestimate_bn(model: nn.Module, calib, batches: int, *, momentum: float | None = None, batch_size: int = 128,
-                  augment: bool = True, padding: int = 4, seed: int = 0, cycle: bool = True) -> int:
+                  augment: bool = True, padding: int = 4, seed: int = 0, cycle: bool = True,
+                  progress: bool = False) -> int:
     """Re-estimate the running statistics of every BatchNorm of ``model`` (in place) on ``batches``
     batches of ``calib`` (normalised images); returns how many batches ran. The model's mode is
     restored afterwards. See the module docstring for the statistics, the batches and the augmentation.
@@ -101,8 +102,10 @@ def reestimate_bn(model: nn.Module, calib, batches: int, *, momentum: float | No
         for bn in bns:
             bn.train()
             bn.momentum = 0.0 if momentum is None else momentum  # 0: PyTorch leaves the statistics alone
-        for xb in _source(calib, batch_size, cycle, gen):
-            if ran >= batches:
+        source = _source(calib, batch_size, cycle, gen)
+        for xb in progress_bar((next(source, None) for _ in range(batches)), "BN re-estimation", progress,
+                               total=batches):
+            if xb is None:
                 break
             xb = xb.to(device)
             if augment:

@@ -8,15 +8,15 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data import calibration_tensor, tensor_batches
 from ..nn import AdderConv2d
-from ..utils import hooked, set_submodule
+from ..utils import hooked, progress_bar, set_submodule
 from .adder_layer import QuantAdderConv2d
 from .bn import correct_bn, reestimate_bn
 from .config import QSSF_OVERRIDES, QuantConfig
@@ -52,38 +52,149 @@ def check_finite(calib) -> None:
         raise ValueError(f"calibration data holds {bad} NaN/inf value(s)")
 
 
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def check_calibration(x, model: nn.Module, what: str = "calibration images") -> None:
+    """Refuse, with one line, calibration images the model cannot take as they are: not a tensor, raw
+    pixels (uint8) or another dtype than the model's, not (N, C, H, W) with the first layer's C
+    channels, empty, or holding NaN/inf. Called on a tensor before any work, on an iterable's batches
+    as they are read."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be tensors (N, C, H, W), got {type(x).__name__}")
+    _, dtype = _model_device_dtype(model)
+    if not x.is_floating_point():
+        hint = " (raw pixels: normalise them first, adderquant.data.normalize(x, mean, std))" \
+            if x.dtype == torch.uint8 else ""
+        raise TypeError(f"{what} are {x.dtype}, the model takes normalised {dtype} images{hint}")
+    if x.dtype != dtype:
+        raise TypeError(f"{what} are {x.dtype} but the model computes in {dtype}: convert one of them")
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, AdderConv2d, nn.Linear))), None)
+    if isinstance(first, (nn.Conv2d, AdderConv2d)):
+        if x.dim() != 4:
+            raise ValueError(f"{what} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != first.in_channels:
+            hint = " (channels last? permute to N, C, H, W)" if x.shape[-1] == first.in_channels else ""
+            raise ValueError(f"{what} have {x.shape[1]} channels, the model's first layer takes "
+                             f"{first.in_channels}: shape {tuple(x.shape)}{hint}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{what} hold no images")
+    check_finite(x)
+
+
+def _check_source(calib) -> None:
+    if isinstance(calib, torch.Tensor):
+        return
+    if isinstance(calib, (str, bytes)) or not hasattr(calib, "__iter__"):
+        raise TypeError(f"calibration images must be a tensor or an iterable of tensor batches, got "
+                        f"{type(calib).__name__}")
+    if type(calib).__module__ == "numpy":
+        raise TypeError("calibration images must be a torch tensor or an iterable of tensor batches, got a NumPy "
+                        "array: pass torch.from_numpy(...)")
+
+
+def _images_bound(calib) -> int | None:
+    """An upper bound of the images a ``DataLoader`` yields (its sampler's length), else ``None``."""
+    from torch.utils.data import DataLoader
+
+    if isinstance(calib, DataLoader):
+        try:
+            return len(calib.sampler)
+        except TypeError:  # an IterableDataset: no length
+            return None
+    return None
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, calib, config: QuantConfig, batch_size: int = 256,
-              progress: bool = False, min_alpha: float | None = None) -> dict[str, AbsRangeObserver]:
+              progress: bool = False, min_alpha: float | None = None, *, images: int | None = None,
+              max_kept: int | None = None) -> dict[str, AbsRangeObserver]:
     """Observe |input| of every adder layer (and first/last layer) on the full-precision model.
 
     The observers answer any α ≥ ``min_alpha`` (default ``config.alpha``), so one calibration pass
-    serves a whole sweep of configurations.
+    serves a whole sweep of configurations. ``calib`` is a tensor (cut into ``batch_size`` batches) or
+    any iterable of tensors / ``(x, y)`` batches, streamed: batches are moved to the model's device one
+    at a time and nothing but the observers' bounded state outlives a batch (``images``: an upper bound
+    of the images an iterable yields, default a ``DataLoader``'s sampler length; ``max_kept``: the
+    observers' cap without one — :mod:`adderquant.quant.observers`).
     """
     targets = {n: m for n, m in model.named_modules() if isinstance(m, AdderConv2d)}
     if config.quantize_first_last:
         targets.update({n: model.get_submodule(n) for n in first_last_names(model)})
-    check_finite(calib)
-    total = calib.shape[0] if isinstance(calib, torch.Tensor) else None
+    _check_source(calib)
+    tensor = isinstance(calib, torch.Tensor)
+    if tensor:
+        check_calibration(calib, model)
+    total = calib.shape[0] if tensor else None
+    bound = None if tensor else (images if images is not None else _images_bound(calib))
     batch_alpha = config.alpha if config.act_clamp_mode == "batch_max" else None
     if batch_alpha is not None:  # the authors' per-batch statistic: batches of act_batch_size images
         batch_size = config.act_batch_size
-    observers = {n: AbsRangeObserver(min(config.alpha, min_alpha or 1.0), batch_alpha=batch_alpha) for n in targets}
-    batches = list(tensor_batches(calib, batch_size))
-    if not isinstance(calib, torch.Tensor):  # an iterable's batches, before any work
-        for xb in batches:
-            check_finite(xb)
+    cap = {} if max_kept is None else {"max_kept": max_kept}
+    observers = {n: AbsRangeObserver(min(config.alpha, min_alpha or 1.0), batch_alpha=batch_alpha, **cap)
+                 for n in targets}
+    for n, obs in observers.items():
+        obs.name = n
+    device, _ = _model_device_dtype(model)
 
     def observe(name, _module, inputs):
-        x = inputs[0]
-        if total is not None and observers[name].total is None:
-            observers[name].total = x[0].numel() * total
-        observers[name].observe(x)
+        x, obs = inputs[0], observers[name]
+        if total is not None and obs.total is None:
+            obs.total = x[0].numel() * total
+        if bound is not None and obs.bound is None:
+            obs.bound = x[0].numel() * bound
+        obs.observe(x)
 
+    seen = 0
     with hooked(model, targets, observe):
-        for xb in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
+        bar = progress_bar(tensor_batches(calib, batch_size, device=device), "calibrate", progress,
+                           total=-(-total // batch_size) if total else None)
+        for xb in bar:
+            if not tensor:
+                check_calibration(xb, model, f"calibration batch {seen + 1}")
             model(xb)
+            seen += 1
+    if not seen:
+        raise ValueError("no calibration images: the iterable yielded no batch")
     return observers
+
+
+class _Head:
+    """Passes an iterable's batches through while keeping a copy of its first ``limit`` images: what
+    the steps after calibration that need the images as one tensor work on."""
+
+    def __init__(self, limit: int):
+        self.limit, self.kept, self.count, self.seen = limit, [], 0, 0
+
+    def tee(self, calib):
+        for xb in tensor_batches(calib):
+            if isinstance(xb, torch.Tensor) and xb.dim() > 0:
+                self.seen += len(xb)
+                if self.count < self.limit:
+                    part = xb[: self.limit - self.count].detach().clone()
+                    self.kept.append(part)
+                    self.count += len(part)
+            yield xb
+
+    def tensor(self) -> torch.Tensor | None:
+        return torch.cat(self.kept) if self.kept else None
+
+
+def _images_needed(config: QuantConfig, tensor_images: int) -> tuple[int, list[str]]:
+    """How many calibration images the steps after calibration read as one tensor, and which steps
+    read all of them (range search reads its own ``range_search_images`` first images)."""
+    steps = [name for name, on in (("QSSF scoring", config.scale_source == "best"),
+                                   ("learned rounding", config.learned_rounding),
+                                   ("BN re-estimation", config.bn_recalibration),
+                                   ("BN correction", config.bn_correction)) if on]
+    need = tensor_images if steps else 0
+    if config.range_search:
+        need = max(need, config.range_search_images)
+    return need, steps
 
 
 def check_adder_model(model: nn.Module, config: QuantConfig) -> None:
@@ -117,18 +228,28 @@ def layer_parameters(weight: torch.Tensor, r_x: float, config: QuantConfig, sign
         ranges.append(max(r, 1e-8))
     ranges = torch.tensor(ranges, dtype=torch.float32)  # the layer's buffer: scales derive from it
     clamp_bias = None
-    if config.weight_clamp:
-        qn, qp = int_range(config.bits, signed)
-        s = scale_for_range(ranges, config.bits, signed).double()[group_of].view(-1, 1, 1, 1)
-        literal = ((-r_x if signed else 0.0) + 0 * s, r_x + 0 * s)  # the paper's [-r_x, r_x], for the ablation
-        lo, hi = (qn * s, qp * s) if config.clamp_to == "representable" else literal
-        if config.grid == "apot":  # APoT levels span exactly [-r_j, r_j] (or [0, r_j])
-            r_c = ranges.double()[group_of].view(-1, 1, 1, 1)
-            lo, hi = (-r_c if signed else 0 * r_c), r_c
-        clamped = torch.minimum(torch.maximum(w, lo), hi)
+    interval = fold_interval(ranges, group_of, r_x, config, signed)
+    if interval is not None:
+        clamped = torch.minimum(torch.maximum(w, interval[0]), interval[1])
         clamp_bias = -(w - clamped).abs().flatten(1).sum(1)
         w = clamped
     return w.to(weight.dtype), group_of, ranges, clamp_bias
+
+
+def fold_interval(ranges: torch.Tensor, group_of: torch.Tensor, r_x: float, config: QuantConfig, signed: bool):
+    """Per output channel ``(lo, hi)`` (float64, shape (O, 1, 1, 1)) the weight clamp folds into, or
+    ``None`` without the clamp: the grid's representable edges, the paper's literal ``[-r_x, r_x]``
+    (``[0, r_x]`` unsigned), or ``[-r_j, r_j]`` for APoT levels."""
+    if not config.weight_clamp:
+        return None
+    qn, qp = int_range(config.bits, signed)
+    s = scale_for_range(ranges, config.bits, signed).double()[group_of].view(-1, 1, 1, 1)
+    if config.grid == "apot":  # APoT levels span exactly [-r_j, r_j] (or [0, r_j])
+        r_c = ranges.double()[group_of].view(-1, 1, 1, 1)
+        return (-r_c if signed else 0 * r_c), r_c
+    if config.clamp_to == "representable":
+        return qn * s, qp * s
+    return (-r_x if signed else 0.0) + 0 * s, r_x + 0 * s  # the paper's [-r_x, r_x], for the ablation
 
 
 def _quant_layer(module: AdderConv2d, r_x: float, config: QuantConfig, signed: bool) -> QuantAdderConv2d:
@@ -136,8 +257,9 @@ def _quant_layer(module: AdderConv2d, r_x: float, config: QuantConfig, signed: b
     w, group_of, ranges, bias = layer_parameters(module.weight, r_x, config, signed or double)
     return QuantAdderConv2d(w, module.stride, module.padding, module.dilation, bits=config.bits,
                             group_of=group_of, ranges=ranges, clamp_bias=bias,
+                            clamp_interval=fold_interval(ranges, group_of, r_x, config, signed or double),
                             lossless_act_clamp=config.lossless_act_clamp, eta=module.eta, signed=signed,
-                            grid=config.grid, weight_grid=config.weight_grid)
+                            grid=config.grid, weight_grid=config.weight_grid, conv_groups=module.groups)
 
 
 @torch.no_grad()
@@ -169,8 +291,16 @@ def search_range(module: AdderConv2d, x: torch.Tensor, obs: AbsRangeObserver, co
 
 
 def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int = 256, progress: bool = False,
-                   observers: dict[str, AbsRangeObserver] | None = None, labels=None) -> QuantResult:
+                   observers: dict[str, AbsRangeObserver] | None = None, labels=None, *,
+                   tensor_images: int = 1024) -> QuantResult:
     """Fake-quantized copy of an AdderNet under ``config`` (the original is untouched).
+
+    ``calib``: normalised images as one tensor, or any iterable of tensor / ``(x, y)`` batches (a
+    ``DataLoader``, a generator), read once. The ranges are observed over every image, streaming, in
+    bounded memory (:func:`calibrate`); the steps that need the images as one tensor — range search,
+    QSSF scoring, learned rounding, BN re-estimation and correction — then work on the iterable's first
+    ``tensor_images`` images, kept while it streams (a warning says so when it yielded more). A tensor
+    is used whole everywhere, on the model's device.
 
     ``observers`` from an earlier :func:`calibrate` call skip the calibration pass. QSSF ``best`` builds
     both variants from the same observers and keeps the one that scores better on ``calib`` (by
@@ -185,17 +315,43 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
     BatchNorm step then measures the model whose codes are final — re-estimating or correcting first
     would be undone by every code the rounding changes afterwards."""
     check_adder_model(model, config)
-    if observers is None:  # calibrate checks the images for NaN/inf
-        min_alpha = min(config.range_alphas) if config.range_search else None
-        observers = calibrate(model, calib, config, batch_size, progress, min_alpha=min_alpha)
-    else:
-        check_finite(calib)
+    _check_source(calib)
+    device, _ = _model_device_dtype(model)
+    need, steps = _images_needed(config, tensor_images)
+    min_alpha = min(config.range_alphas) if config.range_search else None
+    if isinstance(calib, torch.Tensor):
+        check_calibration(calib, model)  # before any work
+        if observers is None:
+            observers = calibrate(model, calib, config, batch_size, progress, min_alpha=min_alpha)
+        calib = calib.to(device)
+    else:  # one streaming pass; keep the first `need` images for the steps below
+        head = _Head(need)
+        if observers is None:
+            observers = calibrate(model, head.tee(calib), config, batch_size, progress, min_alpha=min_alpha,
+                                  images=_images_bound(calib))
+        elif need:
+            for i, xb in enumerate(head.tee(calib)):
+                check_calibration(xb, model, f"calibration batch {i + 1}")
+                if head.count >= need:
+                    break
+        if need and steps and head.seen > head.count:
+            warnings.warn(f"quantize: {', '.join(steps)} used the first {head.count} of the {head.seen} calibration "
+                          f"images (an iterable is kept up to tensor_images={tensor_images}; pass the images as one "
+                          "tensor to use them all)", stacklevel=2)
+        calib = head.tensor()
+        if calib is None and need:
+            raise ValueError("no calibration images: the iterable yielded no batch")
+        if calib is not None:
+            calib = calib.to(device)
+            if labels is not None and len(labels) >= len(calib):
+                labels = labels[: len(calib)]
     if config.scale_source == "best":
         return _best_qssf(model, calib, config, batch_size, observers, labels)
     q = copy.deepcopy(model).eval()
     stats = {}
     inputs = _adder_inputs(model, calib, config.range_search_images) if config.range_search else {}
-    for name, obs in observers.items():
+    for name, obs in progress_bar(list(observers.items()), "range search", progress and config.range_search,
+                                  unit="layer"):
         module = q.get_submodule(name)
         if not isinstance(module, AdderConv2d) and not config.quantize_first_last:
             continue
@@ -218,10 +374,11 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
                                   lr=config.rounding_lr, progress=progress)
     if config.bn_recalibration:  # on the quantized model, augmented calibration batches (quant/bn.py)
         reestimate_bn(q, calib, config.bn_recalibration, momentum=config.bn_momentum,
-                      batch_size=config.bn_batch_size)
+                      batch_size=config.bn_batch_size, progress=progress)
         q.eval()
-    if config.bn_correction:
-        correct_bn(q, model, calibration_tensor(calib), config.bn_correction)
+    if config.bn_correction:  # one pass of each model over all the images: a one-step "bar"
+        for _ in progress_bar([calib], "BN correction", progress, unit="pass"):
+            correct_bn(q, model, calibration_tensor(calib), config.bn_correction)
     return QuantResult(q, config, stats, rounding=rounding)
 
 

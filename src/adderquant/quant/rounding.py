@@ -36,14 +36,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data import calibration_tensor, tensor_batches
 from ..models.resnet_cifar import BasicBlock
 from ..models.resnet_imagenet import _Basic, _Bottleneck
 from ..nn.functional import adder_conv2d
-from ..utils import hooked, set_submodule
-from .adder_layer import QuantAdderConv2d, window_sum
+from ..utils import hooked, progress_bar, set_submodule
+from .adder_layer import QuantAdderConv2d
 from .config import check_rounding_options
 from .uniform import int_range, quantize_int
 
@@ -125,12 +124,13 @@ class _SoftAdder(nn.Module):
         out = None
         for s, idx in m.scale_sets():
             s = s.to(x.dtype)
-            y = adder_conv2d(quantize_int(x, s, m.bits, m.signed), w[idx], None, *geometry) * s
+            y = adder_conv2d(quantize_int(x, s, m.bits, m.signed), w[m.call_rows(idx)], None, *geometry,
+                             groups=m.conv_groups) * s
             if m.lossless_act_clamp:
-                y = y - window_sum(m.excess(torch.round(x / s)).detach(), m.kernel_size, *geometry) * s
+                y = y - m.window_excess(m.excess(torch.round(x / s)).detach(), geometry) * s
             if out is None:
                 out = x.new_empty(x.shape[0], m.out_channels, y.shape[2], y.shape[3])
-            out[:, idx] = y
+            out[:, idx] = m.call_outputs(y, idx)
         return out + m.clamp_bias.to(x.dtype).view(1, -1, 1, 1)
 
 
@@ -300,7 +300,7 @@ def learn_rounding(qmodel: nn.Module, fp_model: nn.Module, calib, iters: int, *,
     blocks = find_blocks(qmodel, fp_model, images)
     generator = torch.Generator().manual_seed(seed)
     report = {}
-    for block in tqdm(blocks, desc="learned rounding", disable=not progress, leave=False):
+    for block in progress_bar(blocks, "learned rounding", progress, unit="block"):
         start = time.perf_counter()
         x_f = _inputs(fp_model, block.entry, images, 256, device)
         x_q = _inputs(qmodel, block.entry, images, 256, device)

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""The QAT recipe defaults, chosen on held-out TRAINING images — never the test set.
+
+From one PTQ model (`ours`, 1024 calibration images, seed 0) each candidate recipe fine-tunes a copy
+for one epoch on 10,000 training images (the first 15,000 minus a seeded held-out 5,000) and is
+scored on those 5,000 held-out images: top-1 and, the finer score, mean cross-entropy (the
+full-precision model has seen all training images, so top-1 there sits near 99 %). The PTQ model's
+own score on the same images is the baseline. The test split is not read.
+
+    python scripts/qat_select.py --data ../shared/data/cifar10 [--bits 4]   # docs/results/qat_select_<b>bit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CANDIDATES = {
+    "paper recipe (lr 1e-4)": {"lr": 1e-4},
+    "lr 1e-3": {"lr": 1e-3},
+    "lr 1e-4 + distill 0.5": {"lr": 1e-4, "distill": 0.5},
+    "lr 1e-3 + distill 0.5": {"lr": 1e-3, "distill": 0.5},
+    "lr 1e-3 + distill 1.0": {"lr": 1e-3, "distill": 1.0},
+    "lr 3e-3 + distill 0.5": {"lr": 3e-3, "distill": 0.5},
+    "lr 3e-5 + distill 0.5": {"lr": 3e-5, "distill": 0.5},
+    "lr 1e-4 + distill 1.0": {"lr": 1e-4, "distill": 1.0},
+}
+
+
+def main(argv=None) -> int:
+    from adderquant.checkpoints import find_official_addernet, load
+    from adderquant.data import calibration_indices, load_dataset, normalize
+    from adderquant.evaluate import evaluate
+    from adderquant.quant import QATConfig, QuantConfig, qat, quantize
+    from adderquant.quant.qat import holdout_split
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--checkpoint", default=find_official_addernet())
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--train", type=int, default=15000, help="first N training images: pilot train + held-out")
+    ap.add_argument("--holdout", type=int, default=5000)
+    ap.add_argument("--only", nargs="*", default=None, help="run these candidates only")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    ds = load_dataset(args.data)
+    ck = load(args.checkpoint)
+    fp = ck.model.eval()
+    idx = calibration_indices(ds, 1024, 0)
+    ptq = quantize(fp, normalize(ds.x_train[idx], *ck.normalization), QuantConfig.ours(args.bits)).model
+    _, held = holdout_split(args.train, args.holdout, 0)
+    x_val, y_val = ds.x_train[: args.train][held], ds.y_train[: args.train][held]
+    base = evaluate(ptq, x_val, y_val, ck.normalization)
+    rows = {"PTQ (no QAT)": {"holdout_top1": base.top1, "holdout_loss": base.loss}}
+    print(f"PTQ: held-out top-1 {base.top1:.2f} loss {base.loss:.4f}", flush=True)
+    for name, recipe in CANDIDATES.items():
+        if args.only and name not in args.only:
+            continue
+        model = copy.deepcopy(ptq)
+        cfg = QATConfig(epochs=1, batch_size=256, limit_train=args.train, holdout=args.holdout, eval_limit=0,
+                        schedule="step", **recipe)
+        t0 = time.perf_counter()
+        (entry,) = qat(model, ds, ck.normalization, cfg, float_model=fp)
+        rows[name] = {**recipe, **{k: entry[k] for k in ("holdout_top1", "holdout_loss", "train_loss")},
+                      "seconds": time.perf_counter() - t0}
+        print(f"{name}: held-out top-1 {entry['holdout_top1']:.2f} loss {entry['holdout_loss']:.4f} "
+              f"({rows[name]['seconds']:.0f} s)", flush=True)
+    out = Path(args.out or ROOT / "docs" / "results" / f"qat_select_{args.bits}bit.json")
+    if args.only and out.exists():  # a partial run adds its rows to the record
+        rows = {**json.loads(out.read_text())["rows"], **rows}
+    record = {"command": "python scripts/qat_select.py --data <cifar10> --bits " + str(args.bits),
+              "bits": args.bits, "train_images": args.train - args.holdout, "holdout_images": args.holdout,
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "rows": rows}
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

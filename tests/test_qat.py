@@ -1,0 +1,197 @@
+"""QAT: the straight-through estimator through the weight fold, distillation, the schedule, and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adderquant.data import Dataset
+from adderquant.nn import AdderConv2d
+from adderquant.nn.functional import adder_conv2d_latent
+from adderquant.quant import QATConfig, QuantAdderConv2d, QuantConfig, qat, quantize
+from adderquant.quant.qat import distillation_loss, holdout_split, unfold_weights
+
+NORM = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               AdderConv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               AdderConv2d(8, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+
+
+def _data(n=96, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
+    y = (x.float().mean((1, 2, 3)) > 127).long() + 2 * (x[:, 0].float().mean((1, 2)) > 127).long()
+    return Dataset("toy", x, y, x[:40], y[:40], ["0", "1", "2", "3"], "memory")
+
+
+def _calib(ds):
+    return (ds.x_train.float() / 255 - 0.5) / 0.25
+
+
+def test_latent_gradients_equal_the_adder_rules_in_float64():
+    """Forward with the clamped weights; backward ∂X = Σ G·HardTanh(W_latent − X), ∂W = Σ G·(X − W_latent)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64).requires_grad_()
+    latent = (3 * torch.randn(5, 3, 2, 2, generator=g, dtype=torch.float64)).requires_grad_()
+    used = latent.detach().clamp(0, 1)
+    y = adder_conv2d_latent(x, used, latent, 1, 0, 1)
+    gout = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(gout)
+    xu = F.unfold(x.detach(), 2)  # (N, K, P)
+    wl = latent.detach().flatten(1)  # (O, K)
+    ref_y = -(xu.unsqueeze(1) - used.flatten(1)[None, :, :, None]).abs().sum(2).view_as(y)
+    diff = xu.unsqueeze(1) - wl[None, :, :, None]  # (N, O, K, P): X − W_latent
+    gflat = gout.flatten(2).unsqueeze(2)  # (N, O, 1, P)
+    ref_gw = (gflat * diff).sum((0, 3)).view_as(latent)
+    ref_gx = F.fold((gflat * torch.clamp(-diff, -1, 1)).sum(1), (4, 4), 2)
+    torch.testing.assert_close(y, ref_y)
+    torch.testing.assert_close(latent.grad, ref_gw)
+    torch.testing.assert_close(x.grad, ref_gx)
+
+
+@pytest.mark.parametrize("method", ["paper", "ours", "authors"])
+def test_unfold_keeps_the_function_and_fold_restores_the_layer(method):
+    model, ds = _net(), _data()
+    q = quantize(model, _calib(ds), QuantConfig.paper(4) if method == "paper" else
+                 getattr(QuantConfig, method)(4)).model.eval()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    x = _calib(ds)[:16]
+    with torch.no_grad():
+        ref = q(x)
+        assert unfold_weights(q, model) == 2
+        assert torch.equal(q(x), ref)  # Theorem 1: same function with the latent weights
+        latent = [m.weight.detach().clone() for m in q.modules() if isinstance(m, QuantAdderConv2d)]
+        assert any(not torch.equal(a, before[k]) for a, k in zip(latent, ("3.weight", "6.weight"), strict=True))
+        for m in q.modules():
+            if isinstance(m, QuantAdderConv2d):
+                m.fold()
+        assert torch.equal(q(x), ref)
+    after = q.state_dict()
+    for k, v in before.items():  # the fold bias and clamped weights come back to float rounding
+        torch.testing.assert_close(after[k], v, rtol=0, atol=1e-5)
+
+
+def test_latent_weights_keep_the_input_gradient_of_the_float_layer():
+    """The unsigned grid clamps every negative weight to 0; the latent backward sees the float weights."""
+    torch.manual_seed(1)
+    layer = AdderConv2d(8, 8, 3, padding=1).eval()
+    x = torch.rand(4, 8, 6, 6)
+    q = quantize(torch.nn.Sequential(layer), x, QuantConfig.ours(4, bn_correction=None, range_search=False)).model
+    qa = q[0]
+    xin = x.clone().requires_grad_()
+    layer.train()
+    layer(xin).sum().backward()
+    g_float = xin.grad.clone()
+    unfold_weights(q, torch.nn.Sequential(layer))
+    q.train()
+    xin.grad = None
+    qa(xin).sum().backward()
+    inside = (x > 0) & (x < qa.ranges.max())  # the activation STE passes gradients inside the range only
+    cos = F.cosine_similarity(xin.grad[inside], g_float[inside], dim=0)
+    assert cos > 0.95
+
+
+def test_distillation_loss_matches_a_hand_computation():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    t = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([1, 2])
+    alpha, temp = 0.7, 2.0
+    ps = torch.softmax(s / temp, 1)
+    pt = torch.softmax(t / temp, 1)
+    kl = (pt * (pt.log() - ps.log())).sum(1).mean()
+    ce = -torch.log_softmax(s, 1)[torch.arange(2), y].mean()
+    expected = (1 - alpha) * ce + alpha * temp**2 * kl
+    torch.testing.assert_close(distillation_loss(s, y, t, alpha, temp), expected)
+    torch.testing.assert_close(distillation_loss(s, y, t, 0.0, temp), ce)
+
+
+def _qat_run(tmp_path, epochs, resume=False, **kw):
+    model, ds = _net(), _data()
+    q = quantize(model, _calib(ds), QuantConfig.ours(4)).model
+    cfg = QATConfig(epochs=epochs, lr=0.02, batch_size=16, distill=0.5, schedule="step", holdout=16,
+                    checkpoint=str(tmp_path / "qat.pt"), resume=resume, log_path=str(tmp_path / "log.jsonl"),
+                    eval_limit=40, **kw)
+    log = qat(q, ds, NORM, cfg, float_model=model)
+    return q, log
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    full, full_log = _qat_run(tmp_path / "a", 3)
+    import importlib
+
+    qat_module = importlib.import_module("adderquant.quant.qat")
+
+    real, calls = qat_module.sgd_epoch, []
+
+    def killed_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process dies during the third epoch
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qat_module, "sgd_epoch", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        _qat_run(tmp_path / "b", 3)
+    monkeypatch.setattr(qat_module, "sgd_epoch", real)
+    assert torch.load(tmp_path / "b" / "qat.pt", weights_only=True)["epoch"] == 2
+    with pytest.raises(ValueError, match="different QAT configuration"):
+        _qat_run(tmp_path / "b", 4, resume=True)  # other options than the run that wrote it: refused
+    resumed, log = _qat_run(tmp_path / "b", 3, resume=True)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    def untimed(entries):
+        return [{k: v for k, v in e.items() if not k.startswith("seconds")} for e in entries]
+
+    assert untimed(log) == untimed(full_log)
+    lines = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in lines] == [1, 2, 3] and "holdout_top1" in lines[0]
+
+
+def test_per_step_schedule_ends_near_zero_and_holdout_is_disjoint():
+    _, held = holdout_split(100, 20, 0)
+    keep, _ = holdout_split(100, 20, 0)
+    assert len(set(keep.tolist()) & set(held.tolist())) == 0 and len(held) == 20
+    model, ds = _net(), _data()
+    q = quantize(model, _calib(ds), QuantConfig.ours(4)).model
+    log = qat(q, ds, NORM, QATConfig(epochs=2, lr=0.01, batch_size=16, schedule="step", eval_limit=0),
+              float_model=model)
+    assert log[-1]["lr"] < 0.01 * 0.01 and "test_top1" not in log[-1]
+
+
+def test_qat_config_refuses_bad_recipes():
+    for kw, msg in (({"distill": 1.5}, "distill"), ({"temperature": 0.0}, "temperature"),
+                    ({"schedule": "linear"}, "schedule"), ({"resume": True}, "checkpoint")):
+        with pytest.raises(ValueError, match=msg):
+            QATConfig(**kw)
+    model, ds = _net(), _data()
+    q = quantize(model, _calib(ds), QuantConfig.ours(4)).model
+    with pytest.raises(ValueError, match="float model"):
+        qat(q, ds, NORM, QATConfig(epochs=1))
+
+
+def test_a_qat_model_exports_and_runs_bit_exact_in_integers():
+    """After QAT (latent weights folded back) the exported graph equals the float64 fake-quant model."""
+    from adderquant.integer import AQZ, IntegerEngine, NumpyRuntime, convert
+    from adderquant.integer.float64 import float64_reference
+
+    model, ds = _net(), _data()
+    q = quantize(model, _calib(ds), QuantConfig.ours(4, quantize_first_last=True)).model
+    qat(q, ds, NORM, QATConfig(epochs=1, lr=0.05, batch_size=16, eval_limit=0), float_model=model)
+    assert not any(m.latent for m in q.modules() if isinstance(m, QuantAdderConv2d))
+    x = ds.x_test[:8]
+    g = convert(q, NORM, input_shape=(3, 8, 8))
+    logits = IntegerEngine(g)(x)
+    with torch.no_grad():
+        ref64 = float64_reference(q)((x.float() / 255 - 0.5) / 0.25)
+    assert torch.equal(logits.argmax(1), ref64.argmax(1))
+    assert float((logits.double() * 2.0**-g.frac_bits - ref64).abs().max()) < 1e-6
+    got = NumpyRuntime(AQZ(g.to_json(), g.tensors)).logits(x.numpy())
+    assert (got == logits.numpy()).all()
