@@ -235,7 +235,7 @@ def test_qat_gradient_cap_bounds_every_step():
         q = quantize(_tiny_adder_net(), (x.float() / 255 - 0.5) / 0.25, QuantConfig.paper(4)).model
         before = torch.cat([p.detach().flatten().clone() for p in q.parameters()])
         qat(q, ds, norm, QATConfig(epochs=1, lr=0.5, momentum=0.0, weight_decay=0.0, batch_size=32, max_steps=1,
-                                   clip_grad_norm=cap, latent=False), progress=False)
+                                   clip_grad_norm=cap, latent=False, distill=0.0), progress=False)
         moved = float((torch.cat([p.detach().flatten() for p in q.parameters()]) - before).norm())
         assert (moved <= 0.5 * 1e-3 * (1 + 1e-4)) == bounded, (cap, moved)
 
