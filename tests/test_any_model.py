@@ -29,6 +29,7 @@ from adderquant.integer.float64 import float64_reference
 from adderquant.models import create, names
 from adderquant.nn import AdderConv2d, adderize
 from adderquant.quant import preset
+from test_integer import _bn_calibrated
 
 NORM = CIFAR_ADDERNET_NORM
 SIZE = 32  # every model, the ImageNet ResNets included (their layer4 then runs at 1×1)
@@ -95,20 +96,6 @@ def _build(name: str) -> nn.Module:
     return create(name, num_classes=10) if name in REGISTRY else USER_MODELS[name]()
 
 
-def _bn_calibrated(model: nn.Module, xn: torch.Tensor) -> nn.Module:
-    """Random BatchNorm affine terms, statistics from ``xn``: activations stay O(1) on random weights."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-            m.weight.data = torch.rand(m.weight.shape, generator=g) * 2 - 0.5
-            m.bias.data = torch.rand(m.bias.shape, generator=g) - 0.5
-    model.train()
-    with torch.no_grad():
-        model(xn)
-    return model.eval()
-
-
 @functools.cache
 def _trained(name: str):
     """One SGD step on synthetic images, then BatchNorm statistics for them: (model, images, facts)."""
@@ -132,7 +119,7 @@ def _trained(name: str):
     unchanged = [k for k in full if torch.equal(adders[k].weight.detach(), before[k])]
     facts = {"loss": loss.item(), "adders": len(adders), "unchanged": unchanged, "norms": norms, "full": len(full),
              "grouped": sum(m.groups > 1 for m in adders.values())}
-    return _bn_calibrated(model, xn), x, xn, facts
+    return _bn_calibrated(model, x), x, xn, facts
 
 
 def test_the_registry_is_what_the_cli_lists(capsys):

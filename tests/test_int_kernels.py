@@ -22,6 +22,7 @@ from adderquant.integer import cpu_plan as cp
 from adderquant.models.resnet_cifar import CifarResNet
 from adderquant.nn import AdderConv2d
 from adderquant.quant import QuantConfig, quantize
+from test_integer import _bn_calibrated, _brute_adder
 
 cpu = pytest.importorskip("adderquant.kernels.cpu")
 if cpu.BACKEND is None or not cp.available():
@@ -29,22 +30,6 @@ if cpu.BACKEND is None or not cp.available():
 
 ISAS = [n for n in cpu.ISA_NAMES if cpu.ISA_NAMES.index(n) <= cpu.ISA_NAMES.index(cpu.isa_max())]
 NORM = CIFAR_ADDERNET_NORM
-
-
-def _brute(x, w, stride, padding, dilation):
-    x, w = x.astype(np.int64), w.astype(np.int64)
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    xp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=np.int64)
-    xp[:, :, ph : ph + h, pw : pw + wd] = x
-    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    out = np.zeros((n, o, ho, wo), dtype=np.int64)
-    for i in range(kh):
-        for j in range(kw):
-            patch = xp[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
-            out -= np.abs(patch[:, None] - w[None, :, :, i, j, None, None]).sum(2)
-    return out
 
 
 SHAPES = [  # n, c, h, w, o, (kh, kw), stride, padding, dilation
@@ -74,7 +59,8 @@ def test_sad_kernels_match_brute_force(isa, case):
     with cpu.force_isa(isa):
         for x, wt in cases:
             got = cpu.BACKEND.int_forward(torch.from_numpy(x), torch.from_numpy(wt), s, p, d)
-            np.testing.assert_array_equal(got.numpy(), _brute(x, wt, s, p, d), err_msg=f"{x.dtype} x, {wt.dtype} w")
+            np.testing.assert_array_equal(got.numpy(), _brute_adder(x, wt, s, p, d),
+                                          err_msg=f"{x.dtype} x, {wt.dtype} w")
 
 
 # ------------------------------------------------------------------------------------- the runner
@@ -99,19 +85,6 @@ class _Odd(nn.Module):
         return self.fc(self.pool(y).flatten(1))
 
 
-def _calibrated(model, u8):
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-            m.weight.data = torch.rand(m.weight.shape, generator=g) * 2 - 0.5
-            m.bias.data = torch.rand(m.bias.shape, generator=g) - 0.5
-    model.train()
-    with torch.no_grad():
-        model(normalize(u8, *NORM))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def images():  # 20x20: output rows of 20, 10 and 5 positions, none a multiple of 8
     return torch.randint(0, 256, (3, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -131,7 +104,7 @@ def _build(kind, config, images):
     torch.manual_seed(0)
     model = {"resnet8": lambda: CifarResNet(8), "resnet8-linear": lambda: CifarResNet(8, head="linear"),
              "odd": _Odd}[kind]()
-    model = _calibrated(model, images)
+    model = _bn_calibrated(model, images)
     return convert(quantize(model, normalize(images, *NORM), config).model, NORM, input_shape=tuple(images.shape[1:]))
 
 

@@ -63,12 +63,10 @@ def _brute_adder(x: np.ndarray, w: np.ndarray, stride, padding, dilation) -> np.
     xp[:, :, ph : ph + h, pw : pw + wd] = x
     ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     out = np.zeros((n, o, ho, wo), dtype=np.int64)
-    for i in range(ho):
-        for j in range(wo):
-            for a in range(kh):
-                for b in range(kw):
-                    patch = xp[:, :, i * sh + a * dh, j * sw + b * dw]  # (n, c)
-                    out[:, :, i, j] -= np.abs(patch[:, None, :] - w[None, :, :, a, b]).sum(2)
+    for a in range(kh):  # one kernel tap at a time, every output position at once
+        for b in range(kw):
+            patch = xp[:, :, a * dh : a * dh + sh * (ho - 1) + 1 : sh, b * dw : b * dw + sw * (wo - 1) + 1 : sw]
+            out -= np.abs(patch[:, None] - w[None, :, :, a, b, None, None]).sum(2)
     return out
 
 
