@@ -81,11 +81,15 @@ def adaptive_scale(grad_w: torch.Tensor, eta: float | None) -> torch.Tensor:
 
 
 class _AdderFunction(torch.autograd.Function):
+    """Forward with ``weight``; backward by the AdderNet rules on ``latent`` when given (its gradient
+    then goes to ``latent``, unscaled), else on ``weight`` with the η scaling."""
+
     @staticmethod
-    def forward(ctx, x, weight, stride, padding, dilation, eta, groups):
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, weight, latent, stride, padding, dilation, eta, groups):
+        ctx.latent = latent is not None
+        ctx.save_for_backward(x, latent if ctx.latent else weight)
         ctx.geometry = (stride, padding, dilation, groups)
-        ctx.eta = eta
+        ctx.eta = None if ctx.latent else eta
         return kernels.adder_forward(x, weight, stride, padding, dilation, groups)
 
     @staticmethod
@@ -95,30 +99,10 @@ class _AdderFunction(torch.autograd.Function):
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = kernels.adder_grad_input(grad_out, x, weight, *ctx.geometry)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[2 if ctx.latent else 1]:
             grad_w = adaptive_scale(kernels.adder_grad_weight(grad_out, x, weight, *ctx.geometry), ctx.eta)
-        return grad_x, grad_w, None, None, None, None, None
-
-
-class _LatentAdderFunction(torch.autograd.Function):
-    """Forward with the weights ``used``; backward by the AdderNet rules on the weights ``latent``."""
-
-    @staticmethod
-    def forward(ctx, x, used, latent, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, latent)
-        ctx.geometry = (stride, padding, dilation, groups)
-        return kernels.adder_forward(x, used, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, latent = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = kernels.adder_grad_input(grad_out, x, latent, *ctx.geometry)
-        if ctx.needs_input_grad[2]:
-            grad_w = kernels.adder_grad_weight(grad_out, x, latent, *ctx.geometry)
-        return grad_x, None, grad_w, None, None, None, None
+        grads = (None, grad_w) if ctx.latent else (grad_w, None)
+        return (grad_x, *grads, None, None, None, None, None)
 
 
 def adder_conv2d_latent(input, weight, latent, stride=1, padding=0, dilation=1, groups: int = 1):
@@ -132,7 +116,7 @@ def adder_conv2d_latent(input, weight, latent, stride=1, padding=0, dilation=1, 
     if latent.shape != weight.shape:
         raise ValueError(f"adder_conv2d_latent: latent {tuple(latent.shape)} and weight {tuple(weight.shape)} differ")
     compute = torch.float64 if torch.float64 in (input.dtype, weight.dtype, latent.dtype) else torch.float32
-    return _LatentAdderFunction.apply(input.to(compute), weight.to(compute), latent.to(compute), s, p, d, groups)
+    return _AdderFunction.apply(input.to(compute), weight.to(compute), latent.to(compute), s, p, d, None, groups)
 
 
 def adder_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, eta: float | None = None,
@@ -146,7 +130,7 @@ def adder_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, eta:
     s, p, d = _check(input, weight, bias, stride, padding, dilation, groups)
     dtype = input.dtype
     compute = torch.float64 if torch.float64 in (input.dtype, weight.dtype) else torch.float32
-    y = _AdderFunction.apply(input.to(compute), weight.to(compute), s, p, d, eta, groups)
+    y = _AdderFunction.apply(input.to(compute), weight.to(compute), None, s, p, d, eta, groups)
     if bias is not None:
         y = y + bias.to(compute).view(1, -1, 1, 1)
     return y.to(dtype) if dtype in (torch.float16, torch.bfloat16) else y
