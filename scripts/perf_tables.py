@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from docblocks import sync, with_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -168,10 +169,7 @@ def performance_md(block: str) -> str:
 
 
 def readme_with(readme: str, block: str) -> str:
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"README.md lacks the markers {BEGIN} … {END}")
-    head, rest = readme.split(BEGIN, 1)
-    return head + BEGIN + "\n" + block + "\n" + END + rest.split(END, 1)[1]
+    return with_block(readme, BEGIN, END, block)
 
 
 def main(argv=None) -> int:
@@ -181,16 +179,7 @@ def main(argv=None) -> int:
     block = render()
     targets = {ROOT / "README.md": readme_with((ROOT / "README.md").read_text(), block),
                RESULTS / "performance.md": performance_md(block)}
-    stale = [p for p, text in targets.items() if not p.exists() or p.read_text() != text]
-    if args.check:
-        for p in stale:
-            print(f"{p.relative_to(ROOT)} is stale: run python scripts/perf_tables.py", file=sys.stderr)
-        return 1 if stale else 0
-    for p in stale:
-        p.write_text(targets[p])
-        print(f"wrote {p.relative_to(ROOT)}")
-    return 0
-
+    return sync(targets, args.check, "python scripts/perf_tables.py", report=True)
 
 if __name__ == "__main__":
     raise SystemExit(main())

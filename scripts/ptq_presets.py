@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from docblocks import sync, with_block
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -124,21 +125,9 @@ def main(argv=None) -> int:
 
 def render(data: dict, md_path: Path, check: bool = False) -> int:
     """Write (or, with ``check``, compare) the markdown and the README block."""
-    readme = README.read_text()
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"README.md lacks the {BEGIN} / {END} markers")
-    head, rest = readme.split(BEGIN, 1)
-    new_readme = head + BEGIN + "\n" + readme_table(data) + END + rest.split(END, 1)[1]
+    new_readme = with_block(README.read_text(), BEGIN, END, readme_table(data).removesuffix("\n"))
     outputs = {md_path: markdown(data), README: new_readme}
-    stale = [p for p, text in outputs.items() if not p.exists() or p.read_text() != text]
-    if check:
-        for p in stale:
-            print(f"{p} is stale: run python scripts/ptq_presets.py --markdown-only", file=sys.stderr)
-        return 1 if stale else 0
-    for p in stale:
-        p.write_text(outputs[p])
-    return 0
-
+    return sync(outputs, check, "python scripts/ptq_presets.py --markdown-only")
 
 def readme_table(data: dict) -> str:
     rows, fp = data["rows"], data.get("fp_top1", float("nan"))

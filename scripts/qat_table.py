@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from docblocks import sync, with_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -94,29 +95,14 @@ def markdown(block: str) -> str:
             "differs from its float64 evaluation on the same 89 (float32 rounding at code boundaries).\n")
 
 
-def readme_with(readme: str, block: str) -> str:
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"README.md lacks the markers {BEGIN} … {END}")
-    head, rest = readme.split(BEGIN, 1)
-    return head + BEGIN + "\n" + block + "\n" + END + rest.split(END, 1)[1]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
     block = render()
     targets = {RESULTS / "qat_ours.md": markdown(block),
-               ROOT / "README.md": readme_with((ROOT / "README.md").read_text(), block)}
-    stale = [p for p, text in targets.items() if not p.exists() or p.read_text() != text]
-    if args.check:
-        for p in stale:
-            print(f"{p.relative_to(ROOT)} is stale: run python scripts/qat_table.py", file=sys.stderr)
-        return 1 if stale else 0
-    for p in stale:
-        p.write_text(targets[p])
-    return 0
-
+               ROOT / "README.md": with_block((ROOT / "README.md").read_text(), BEGIN, END, block)}
+    return sync(targets, args.check, "python scripts/qat_table.py")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -12,6 +12,7 @@ SCRIPT = ROOT / "scripts" / "perf_tables.py"
 
 
 def _module():
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling docblocks, as when it is run
     spec = importlib.util.spec_from_file_location("perf_tables", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
