@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from adderquant.cli import COMMANDS, main
@@ -21,15 +20,6 @@ def _error(capsys) -> str:
     assert "Traceback" not in err
     assert len(err.splitlines()) == 1, err
     return err
-
-
-@pytest.fixture
-def tiny_npz(tmp_path):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "tiny.npz"
-    np.savez(path, x_train=rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8), y_train=np.arange(16) % 10,
-             x_test=rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8), y_test=np.arange(10) % 10)
-    return path
 
 
 @pytest.mark.data

@@ -22,30 +22,15 @@ from adderquant.cli import COMMANDS, main
 from adderquant.quant import QuantConfig, calibrate, quantize
 from adderquant.quant.observers import percentile_index
 from adderquant.utils import atomic_write, json_dumps, progress_bar
+from test_cli import _error
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def _error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def _strict_json(text: str):
     def refuse(name):
         raise AssertionError(f"bare {name} in JSON")
     return json.loads(text, parse_constant=refuse)
-
-
-@pytest.fixture
-def tiny_npz(tmp_path):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "tiny.npz"
-    np.savez(path, x_train=rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8), y_train=np.arange(16) % 10,
-             x_test=rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8), y_test=np.arange(10) % 10)
-    return path
 
 
 @pytest.fixture(scope="module")
