@@ -25,4 +25,17 @@ int aq_isa(void);
 
 static inline int clamp_threads(int nt) { return nt < 1 ? 1 : nt; }
 
+/* The number of thresholds t[0..n) (sorted ascending) that are <= x: a branch-free binary search, the
+   quantisation of a fixed-point value to its integer code (int_ops.c, int_net.c). */
+static inline int64_t count_le(const int64_t *t, int64_t n, int64_t x) {
+    int64_t lo = 0, len = n;
+    while (len > 0) {
+        const int64_t half = len >> 1;
+        const int take = t[lo + half] <= x;
+        lo = take ? lo + half + 1 : lo;
+        len = take ? len - half - 1 : half;
+    }
+    return lo;
+}
+
 #endif

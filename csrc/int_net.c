@@ -67,17 +67,6 @@ static inline int64_t ld64(const void *p) {
     return v;
 }
 
-static inline int64_t count_le(const int64_t *t, int64_t n, int64_t x) {
-    int64_t lo = 0, len = n;
-    while (len > 0) {
-        const int64_t half = len >> 1;
-        const int take = t[lo + half] <= x;
-        lo = take ? lo + half + 1 : lo;
-        len = take ? len - half - 1 : half;
-    }
-    return lo;
-}
-
 /* floor((v*M + 2^(sh-1)) / 2^sh) + B; |v*M| < 2^62 is checked when the plan is made. */
 static inline int64_t requant1(int64_t v, int64_t M, int64_t sh, int64_t B) {
     const int64_t half = ((int64_t)1 << sh) >> 1;

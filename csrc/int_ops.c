@@ -47,17 +47,6 @@ static inline void store_q(void *q, int out_bytes, int64_t i, int64_t r) {
     else ((uint16_t *)q)[i] = (uint16_t)r;
 }
 
-static inline int64_t count_le(const int64_t *t, int64_t nthr, int64_t x) {
-    int64_t lo = 0, len = nthr; /* branch-free upper bound: the number of thresholds <= x */
-    while (len > 0) {
-        const int64_t half = len >> 1;
-        const int take = t[lo + half] <= x;
-        lo = take ? lo + half + 1 : lo;
-        len = take ? len - half - 1 : half;
-    }
-    return lo;
-}
-
 static void quantize_range(const int64_t *z, int64_t b, int64_t e, const int64_t *t, int64_t nthr, int64_t qmin,
                            int out_bytes, void *q) {
     for (int64_t i = b; i < e; ++i) store_q(q, out_bytes, i, qmin + count_le(t, nthr, z[i]));
