@@ -582,16 +582,23 @@ static int64_t block_positions(int64_t P, int64_t N, int64_t per_pos_bytes, int6
  * channels [grp*O/G, (grp+1)*O/G) read input channels [grp*C/G, (grp+1)*C/G) only, with weights
  * (O, C/G, KH, KW). A work item is (image, group, block of positions); `gg` is one group's geometry
  * (C/G input and O/G output channels), the padded copy xs is made once for all channels. */
+/* One group's geometry: C/G input and O/G output channels; non-zero when G does not divide both. */
+static int group_geom(const geom_t *g, int64_t G, geom_t *gg) {
+    if (G < 1 || g->C % G || g->O % G) return 2;
+    *gg = *g;
+    gg->C = g->C / G;
+    gg->O = g->O / G;
+    return 0;
+}
+
 AQ_EXPORT int aq_forward_f32_g(const float *x, const float *w, float *y, const int64_t *geom, int64_t groups,
                                int nthreads) {
     const geom_t g = read_geom(geom);
     const int nt = clamp_threads(nthreads);
     const fcfg_t cfg = float_cfg(isa_now());
     const int64_t G = groups;
-    if (G < 1 || g.C % G || g.O % G) return 2;
-    geom_t gg = g;
-    gg.C = g.C / G;
-    gg.O = g.O / G;
+    geom_t gg;
+    if (group_geom(&g, G, &gg)) return 2;
     const int64_t K = gg.C * g.KH * g.KW, P = g.HO * g.WO, O = g.O, Og = gg.O, mr = cfg.mr, nr = cfg.nr;
     if (g.N <= 0 || O <= 0 || P <= 0) return 0;
     const int64_t nop = ceil_div(Og, mr);
@@ -740,10 +747,8 @@ AQ_EXPORT int aq_grad_input_f32_g(const float *go, const float *x, const float *
     const int nt = clamp_threads(nthreads);
     const fcfg_t cfg = float_cfg_gin(isa_now());
     const int64_t G = groups;
-    if (G < 1 || g.C % G || g.O % G) return 2;
-    geom_t gg = g;
-    gg.C = g.C / G;
-    gg.O = g.O / G;
+    geom_t gg;
+    if (group_geom(&g, G, &gg)) return 2;
     const int64_t K = gg.C * g.KH * g.KW, P = g.HO * g.WO, O = g.O, Og = gg.O, mr = cfg.mr, nr = cfg.nr;
     const int64_t CHW = g.C * g.H * g.W, gCHW = gg.C * g.H * g.W;
     memset(gx, 0, (size_t)(g.N * CHW) * sizeof(float));
