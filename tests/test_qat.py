@@ -195,3 +195,20 @@ def test_a_qat_model_exports_and_runs_bit_exact_in_integers():
     assert float((logits.double() * 2.0**-g.frac_bits - ref64).abs().max()) < 1e-6
     got = NumpyRuntime(AQZ(g.to_json(), g.tensors)).logits(x.numpy())
     assert (got == logits.numpy()).all()
+
+
+def test_a_fresh_run_never_overwrites_an_earlier_one(tmp_path, capsys, monkeypatch):
+    from adderquant.cli import main
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 1}\n')
+    model, ds = _net(), _data()
+    q = quantize(model, _calib(ds), QuantConfig.ours(4)).model
+    with pytest.raises(FileExistsError, match="--qat-resume"):
+        qat(q, ds, NORM, QATConfig(epochs=1, log_path=str(log)), float_model=model)
+    monkeypatch.setattr("adderquant.cli._data", lambda args: pytest.fail("data was loaded before the check"))
+    assert main(["quantize", "--checkpoint", str(tmp_path / "never-read.pth"), "--qat-epochs", "1",
+                 "--qat-log", str(log)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "exists" in err, err
+    assert log.read_text() == '{"epoch": 1}\n'

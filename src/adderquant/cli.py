@@ -283,7 +283,7 @@ def _checkpoint_or_default(args) -> str:
 def _quantize_run(args):
     """The run's configs from the flags, every check done before any work."""
     from .quant import preset
-    from .quant.qat import QATConfig
+    from .quant.qat import QATConfig, check_qat_files
     from .workflows import PTQRun
 
     _device(args)
@@ -306,6 +306,7 @@ def _quantize_run(args):
         qat = QATConfig(epochs=args.qat_epochs, lr=args.qat_lr, limit_train=args.qat_limit_train,
                         eval_limit=args.limit, clip_grad_norm=args.qat_clip_grad_norm, latent=not args.qat_literal,
                         checkpoint=args.qat_checkpoint, resume=args.qat_resume, log_path=args.qat_log, **recipe)
+        check_qat_files(qat)
     elif args.qat_resume or args.qat_checkpoint:
         raise ValueError("--qat-checkpoint/--qat-resume need --qat-epochs")
     for path in (args.export, args.save, args.qat_checkpoint, args.qat_log):

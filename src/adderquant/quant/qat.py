@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import batches
+from ..data import batches, normalize
 from ..evaluate import evaluate, show_progress
 from ..loop import cosine_schedule, crop_flip, epoch_summary, sgd_epoch
 from ..utils import default_device, json_dumps
@@ -154,6 +154,7 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
     if needs_float and float_model is None:
         raise ValueError("QAT with latent weights or distillation needs the float model (float_model=...); "
                          "pass latent=False, distill=0 for the paper's literal QAT")
+    check_qat_files(config)
     qmodel.to(device)
     if config.latent:
         unfold_weights(qmodel, float_model)
@@ -182,8 +183,6 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         log, steps, start_epoch = state["log"], state["steps"], state["epoch"]
-    elif config.log_path and Path(config.log_path).exists():
-        Path(config.log_path).unlink()  # a fresh run: its log starts empty
     loss_fn = None
     if teacher is not None:
         def loss_fn(logits, labels, teacher_logits):
@@ -224,14 +223,22 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
     return log
 
 
+def check_qat_files(config: QATConfig) -> None:
+    """Refuse, before any work, a fresh run whose checkpoint or log file already exists: a finished or
+    interrupted run is continued with ``resume``, never overwritten silently."""
+    if config.resume:
+        return
+    for path in (config.checkpoint, config.log_path):
+        if path and Path(path).exists():
+            raise FileExistsError(f"{path} exists (an earlier QAT run): resume it (--qat-resume) or remove the file")
+
+
 def _resumable(config: QATConfig) -> dict:
     """The options a resumed run must share with the one that wrote the checkpoint."""
     return {k: v for k, v in asdict(config).items() if k not in ("resume", "log_path", "checkpoint", "eval_limit")}
 
 
 def _reestimate(qmodel, x, config, normalization, device) -> None:
-    from ..data import normalize
-
     gen = torch.Generator().manual_seed(config.seed + 77)
     idx = torch.randperm(len(x), generator=gen)[: config.bn_reestimate * config.batch_size]
     images = normalize(x[idx], *normalization).to(device)
