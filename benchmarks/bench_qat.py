@@ -27,6 +27,7 @@ from adderquant.checkpoints import find_official_addernet, load
 from adderquant.data import CIFAR_ADDERNET_NORM, normalize
 from adderquant.loop import crop_flip, sgd_epoch
 from adderquant.models import create
+from adderquant.nn import AdderConv2d
 from adderquant.quant import QuantConfig, quantize
 from adderquant.quant.qat import distillation_loss, unfold_weights
 
@@ -70,7 +71,8 @@ def main(argv=None) -> dict:
     sets = [len(m.scale_sets()) for m in q.modules() if hasattr(m, "scale_sets")]
     result = {"cpu": cpu_name(), "model": source or "random ResNet-20", "adder_calls_per_layer": sets,
               "threads": args.threads, "batch": args.batch, "steps": args.steps,
-              "backend": kernels.backend_name("forward"),
+              "backend": kernels.backend_name("forward", calib, next(m.weight for m in fp.modules()
+                                                                     if isinstance(m, AdderConv2d))),
               "median_step_s": med, "ratio_to_train": {k: med[k] / med["train"] for k in med}}
     print(f"{cpu_name()}, {args.threads} threads, batch {args.batch}, median of {args.steps} steps; "
           f"{result['model']}; adder calls per quantized layer: {sets}")

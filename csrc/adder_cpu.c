@@ -7,6 +7,8 @@
  *
  *   aq_forward_f32     Y[n,o,p]  = -sum_k |X_unf[n,k,p] - W[o,k]|                       (float32)
  *   aq_grad_input_f32  dX        = fold( sum_o G[n,o,p] * clamp(W[o,k] - X_unf[n,k,p], -1, 1) )
+ *   aq_fake_quant_f32  y = s * clamp(rint(x / s), qn, qp), inside = [qn <= rint(x / s) <= qp]   (QAT)
+ *   aq_mask_f32        y = inside ? g : 0                  (its straight-through backward)
  *
  * (The integer kernels — aq_int_forward, the network runner — are in int_net.c.)
  *
@@ -855,3 +857,63 @@ static struct PyModuleDef aq_module = {
 
 PyMODINIT_FUNC PyInit__adder_cpu(void) { return PyModule_Create(&aq_module); }
 #endif
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Fake quantisation, QAT's activation quantiser, in one pass: y = s * clamp(rint(x / s), qn, qp) and */
+/* the straight-through mask inside = [qn <= rint(x / s) <= qp]. Bit for bit the PyTorch expression   */
+/* torch.round(x / s).clamp(qn, qp) * s: an IEEE division (not a product with 1/s), round half to    */
+/* even, a NaN stays NaN (and outside the mask).                                                      */
+/* ------------------------------------------------------------------------------------------------ */
+static inline __attribute__((always_inline)) void fq_body(const float *x, int64_t b, int64_t e, float s, float qn,
+                                                          float qp, float *y, uint8_t *inside) {
+    for (int64_t i = b; i < e; i++) {
+        const float c = __builtin_rintf(x[i] / s);
+        inside[i] = (uint8_t)((c >= qn) & (c <= qp));
+        y[i] = (c < qn ? qn : (c > qp ? qp : c)) * s;
+    }
+}
+
+static inline __attribute__((always_inline)) void mask_body(const float *g, const uint8_t *inside, int64_t b,
+                                                            int64_t e, float *y) {
+    for (int64_t i = b; i < e; i++) y[i] = inside[i] ? g[i] : 0.0f;
+}
+
+#define AQ_FQ_ARGS const float *x, int64_t b, int64_t e, float s, float qn, float qp, float *y, uint8_t *inside
+#define AQ_MASK_ARGS const float *g, const uint8_t *inside, int64_t b, int64_t e, float *y
+typedef void (*fq_fn)(AQ_FQ_ARGS);
+typedef void (*mask_fn)(AQ_MASK_ARGS);
+static void fq_scalar(AQ_FQ_ARGS) { fq_body(x, b, e, s, qn, qp, y, inside); }
+static void mask_scalar(AQ_MASK_ARGS) { mask_body(g, inside, b, e, y); }
+#if AQ_X86
+AQ_AVX2 static void fq_avx2(AQ_FQ_ARGS) { fq_body(x, b, e, s, qn, qp, y, inside); }
+AQ_AVX512 static void fq_avx512(AQ_FQ_ARGS) { fq_body(x, b, e, s, qn, qp, y, inside); }
+AQ_AVX2 static void mask_avx2(AQ_MASK_ARGS) { mask_body(g, inside, b, e, y); }
+AQ_AVX512 static void mask_avx512(AQ_MASK_ARGS) { mask_body(g, inside, b, e, y); }
+#endif
+
+AQ_EXPORT int aq_fake_quant_f32(const float *x, int64_t n, float s, float qn, float qp, float *y, uint8_t *inside,
+                                int nthreads) {
+    fq_fn fn = fq_scalar;
+#if AQ_X86
+    if (isa_now() >= ISA_AVX512) fn = fq_avx512;
+    else if (isa_now() >= ISA_AVX2) fn = fq_avx2;
+#endif
+    const int nt = clamp_threads(nthreads);
+    const int64_t block = 1 << 14;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b = 0; b < n; b += block) fn(x, b, b + block < n ? b + block : n, s, qn, qp, y, inside);
+    return 0;
+}
+
+AQ_EXPORT int aq_mask_f32(const float *g, const uint8_t *inside, int64_t n, float *y, int nthreads) {
+    mask_fn fn = mask_scalar;
+#if AQ_X86
+    if (isa_now() >= ISA_AVX512) fn = mask_avx512;
+    else if (isa_now() >= ISA_AVX2) fn = mask_avx2;
+#endif
+    const int nt = clamp_threads(nthreads);
+    const int64_t block = 1 << 14;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b = 0; b < n; b += block) fn(g, inside, b, b + block < n ? b + block : n, y);
+    return 0;
+}

@@ -8,6 +8,10 @@ full-precision model has seen all training images, so top-1 there sits near 99 %
 own score on the same images is the baseline. The test split is not read.
 
     python scripts/qat_select.py --data ../shared/data/cifar10 [--bits 4]   # docs/results/qat_select_<b>bit.json
+
+The longer pilot (``--epochs 2 --train 50000``: the whole training split minus the same kind of
+seeded 5,000, two epochs per candidate) asks whether a learning rate that loses in 40 steps wins
+over 350: ``docs/results/qat_select_<b>bit_2ep.json``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ CANDIDATES = {
     "lr 3e-3 + distill 0.5": {"lr": 3e-3, "distill": 0.5},
     "lr 3e-5 + distill 0.5": {"lr": 3e-5, "distill": 0.5},
     "lr 1e-4 + distill 1.0": {"lr": 1e-4, "distill": 1.0},
+    "lr 3e-4 + distill 0.5": {"lr": 3e-4, "distill": 0.5},
+    "lr 1e-4 + distill 0.5 + ranges lr 0.1": {"lr": 1e-4, "distill": 0.5, "range_lr": 0.1},
+    "lr 1e-4 + distill 0.5 + ranges lr 1": {"lr": 1e-4, "distill": 0.5, "range_lr": 1.0},
+    "lr 1e-4 + distill 0.5 + ranges lr 10": {"lr": 1e-4, "distill": 0.5, "range_lr": 10.0},
 }
 
 
@@ -47,10 +55,12 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--train", type=int, default=15000, help="first N training images: pilot train + held-out")
     ap.add_argument("--holdout", type=int, default=5000)
+    ap.add_argument("--epochs", type=int, default=1, help="QAT epochs per candidate")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", default=None, help="run these candidates only")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     ds = load_dataset(args.data)
     ck = load(args.checkpoint)
     fp = ck.model.eval()
@@ -65,19 +75,24 @@ def main(argv=None) -> int:
         if args.only and name not in args.only:
             continue
         model = copy.deepcopy(ptq)
-        cfg = QATConfig(epochs=1, batch_size=256, limit_train=args.train, holdout=args.holdout, eval_limit=0,
+        cfg = QATConfig(epochs=args.epochs, batch_size=256, limit_train=args.train, holdout=args.holdout, eval_limit=0,
                         schedule="step", **recipe)
         t0 = time.perf_counter()
-        (entry,) = qat(model, ds, ck.normalization, cfg, float_model=fp)
-        rows[name] = {**recipe, **{k: entry[k] for k in ("holdout_top1", "holdout_loss", "train_loss")},
+        entry = qat(model, ds, ck.normalization, cfg, float_model=fp)[-1]
+        rows[name] = {**recipe, **{k: entry[k] for k in ("holdout_top1", "holdout_loss", "train_loss")
+                                   + (("range_ratio",) if "range_ratio" in entry else ())},
                       "seconds": time.perf_counter() - t0}
         print(f"{name}: held-out top-1 {entry['holdout_top1']:.2f} loss {entry['holdout_loss']:.4f} "
               f"({rows[name]['seconds']:.0f} s)", flush=True)
-    out = Path(args.out or ROOT / "docs" / "results" / f"qat_select_{args.bits}bit.json")
+    suffix = "" if args.epochs == 1 else f"_{args.epochs}ep"
+    out = Path(args.out or ROOT / "docs" / "results" / f"qat_select_{args.bits}bit{suffix}.json")
     if args.only and out.exists():  # a partial run adds its rows to the record
         rows = {**json.loads(out.read_text())["rows"], **rows}
-    record = {"command": "python scripts/qat_select.py --data <cifar10> --bits " + str(args.bits),
-              "bits": args.bits, "train_images": args.train - args.holdout, "holdout_images": args.holdout,
+    command = "python scripts/qat_select.py --data <cifar10> --bits " + str(args.bits)
+    if args.epochs != 1:
+        command += f" --epochs {args.epochs} --train {args.train}"
+    record = {"command": command, "bits": args.bits, "epochs": args.epochs,
+              "train_images": args.train - args.holdout, "holdout_images": args.holdout,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "rows": rows}
     out.write_text(json.dumps(record, indent=1) + "\n")

@@ -35,6 +35,16 @@ def test_quantize_with_qat_reports_where_it_started(official_addernet, cifar_sub
     assert epoch["test_n"] == 50 and epoch["test_top1"] == out["top1"]  # the final model is the one QAT left
 
 
+def test_quantize_with_learned_ranges_logs_how_far_they_moved(official_addernet, cifar_subset, capsys, tmp_path):
+    path = tmp_path / "m.aqz"
+    rc = main(["quantize", "--checkpoint", str(official_addernet), "--data", str(cifar_subset), "--bits", "4",
+               "--qat-epochs", "1", "--qat-limit-train", "64", "--qat-range-lr", "100", "--limit", "20",
+               "--calib-size", "32", "--export", str(path), "--json"])
+    (epoch,) = _last_json(capsys)["qat_log"]
+    lo, hi = epoch["range_ratio"]
+    assert rc == 0 and lo <= 1.0 <= hi and lo < hi and path.exists()  # learned ranges, folded and exported
+
+
 def test_quantize_qssf_reports_the_chosen_variant(official_addernet, cifar_subset, capsys):
     rc = main(["quantize", "--checkpoint", str(official_addernet), "--data", str(cifar_subset), "--bits", "4",
                "--method", "qssf", "--limit", "50", "--calib-size", "32", "--json"])
@@ -120,6 +130,8 @@ def test_quantize_export_needs_no_other_flag(official_addernet, cifar_subset, ca
     (["--method", "qssf", "--groups", "2"], "QSSF .* takes no groups"),
     (["--qat-epochs", "1", "--qat-limit-train", "0"], "qat-limit-train"),
     (["--qat-epochs", "1", "--qat-lr", "nan"], "lr must be a finite number"),
+    (["--qat-epochs", "1", "--qat-range-lr", "-1"], "range_lr must be a finite number ≥ 0"),
+    (["--qat-epochs", "1", "--qat-range-lr", "1", "--qat-literal"], "learnable ranges .* need latent weights"),
 ])
 def test_quantize_refuses_bad_flags_before_any_work(extra, message, capsys, tmp_path, monkeypatch):
     """These fail while building the configs: no checkpoint or data set is even read."""

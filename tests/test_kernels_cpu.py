@@ -259,3 +259,31 @@ def test_int_requant_rejects_bad_parameters():
         cpu.BACKEND.requant(v, ok, ok, ok, torch.zeros(1, 2, 4, dtype=torch.int64), False)
     with pytest.raises(TypeError, match="int32 or int64"):
         kernels.int_requant(v.float(), ok, ok, ok)
+
+
+# ------------------------------------------------------------------- QAT's fake quantiser
+
+
+@settings(max_examples=25, deadline=None)
+@given(bits=st.integers(2, 8), signed=st.booleans(), n=st.integers(0, 40000), seed=st.integers(0, 2**16),
+       isa_name=st.sampled_from(ISAS))
+def test_fake_quant_is_the_pytorch_expression_bit_for_bit(bits, signed, n, seed, isa_name):
+    """Values on every tie of the grid (k + ½)·s, beyond both edges, NaN and ±inf included: the C pass
+    equals ``round(x/s).clamp(q_n, q_p)·s`` (IEEE division, half to even) and its mask."""
+    g = torch.Generator().manual_seed(seed)
+    qn, qp = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    s = torch.tensor(float(torch.rand((), generator=g)) * 0.5 + 1e-3)
+    ties = (torch.arange(qn - 3, qp + 3, dtype=torch.float32) + 0.5) * s
+    x = torch.cat([torch.randn(n, generator=g) * (qp - qn) * float(s), ties,
+                   torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])])
+    x = x[torch.randperm(len(x), generator=g)]
+    with cpu.force_isa(isa_name):
+        y, inside = kernels.fake_quant(x, s, qn, qp)
+        g_in = torch.randn(x.shape, generator=g)
+        back = kernels.masked_grad(g_in, inside)
+    codes = torch.round(x / s)
+    want = codes.clamp(qn, qp) * s
+    assert torch.equal(y.isnan(), want.isnan())
+    assert torch.equal(y[~want.isnan()], want[~want.isnan()])
+    assert torch.equal(inside, (codes >= qn) & (codes <= qp))
+    assert torch.equal(back, torch.where(inside, g_in, torch.zeros(())))

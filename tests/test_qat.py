@@ -13,6 +13,7 @@ from adderquant.nn import AdderConv2d
 from adderquant.nn.functional import adder_conv2d_latent
 from adderquant.quant import QATConfig, QuantAdderConv2d, QuantConfig, qat, quantize
 from adderquant.quant.qat import distillation_loss, holdout_split, unfold_weights
+from adderquant.quant.uniform import fake_quantize, quantize_int
 
 NORM = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
@@ -99,6 +100,65 @@ def test_latent_weights_keep_the_input_gradient_of_the_float_layer():
     assert cos > 0.95
 
 
+def test_fake_quantize_has_the_ste_and_lsq_gradients_in_float64():
+    """Value: ``quantize_int(v, s)·s`` bit for bit. Gradients: ``g`` inside the grid, 0 outside; for a
+    learning scale ``Σ g·(round(v/s) − v/s)`` inside and ``Σ g·q`` at the clipped edge q."""
+    g = torch.Generator().manual_seed(0)
+    v = (torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    s = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    y = fake_quantize(v, s, 3, signed=True)
+    assert torch.equal(y.detach(), quantize_int(v.detach(), s.detach(), 3, True) * s.detach())
+    gout = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(gout)
+    t = v.detach() / 0.4
+    codes = torch.round(t)
+    inside = (codes >= -4) & (codes <= 3)
+    torch.testing.assert_close(v.grad, gout * inside, rtol=0, atol=0)
+    torch.testing.assert_close(s.grad, (gout * torch.where(inside, codes - t, codes.clamp(-4, 3))).sum())
+
+
+def test_learned_ranges_get_the_lsq_gradient_and_fold_exactly():
+    """One range parameter per shared range; its gradient is the LSQ chain through the activation grid
+    only (the weight side sees it as a constant); fold() stores the learned range and keeps the function."""
+    torch.manual_seed(1)
+    layer = AdderConv2d(6, 4, 3, padding=1).eval()
+    with torch.no_grad():
+        layer.weight.mul_(20)  # weights beyond the activation range, as in trained AdderNets
+    x = torch.rand(3, 6, 5, 5) * 2
+    q = quantize(torch.nn.Sequential(layer), x, QuantConfig.ours(4, bn_correction=None, range_search=False)).model
+    unfold_weights(q, torch.nn.Sequential(layer))
+    qa = q[0].double()
+    qa.learn_ranges()
+    assert qa.range_values.numel() == 1  # every group shares r_x: one parameter
+    qa.train()
+    x64 = x.double()
+    y = qa(x64)
+    gout = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(gout)
+    (r,) = qa.range_values.detach().clone()
+    s = r / 15
+    t = x64 / s
+    codes = torch.round(t)
+    inside = (codes <= 15) & (codes >= 0)
+    xq = (codes.clamp(0, 15) * s).requires_grad_()
+    w_used = (qa.int_weight() * qa.channel_scales().view(-1, 1, 1, 1)).detach()
+    ref = adder_conv2d_latent(xq, w_used, qa.weight.detach().clone().requires_grad_(), 1, 1, 1)
+    torch.testing.assert_close(y.detach(), ref.detach() + qa.fold_bias().double().view(1, -1, 1, 1))
+    ref.backward(gout)
+    lsq = (x64[0].numel() * 15) ** -0.5 / 15  # LSQ's gradient scale, then ds/dr = 1/(2^b − 1)
+    want = (xq.grad * torch.where(inside, codes - t, codes.clamp(0, 15))).sum() * lsq
+    torch.testing.assert_close(qa.range_values.grad[0], want)
+    with torch.no_grad():
+        qa.range_values.mul_(0.8)  # a learned step: a smaller range
+        qa.eval()
+        moved = qa(x64)
+        qa.fold()
+    assert not qa.latent and "range_values" not in dict(qa.named_parameters())
+    torch.testing.assert_close(qa.ranges, torch.full_like(qa.ranges, float(r) * 0.8))
+    with torch.no_grad():
+        torch.testing.assert_close(qa(x64), moved)
+
+
 def test_distillation_loss_matches_a_hand_computation():
     s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
     t = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
@@ -113,8 +173,21 @@ def test_distillation_loss_matches_a_hand_computation():
     torch.testing.assert_close(distillation_loss(s, y, t, 0.0, temp), ce)
 
 
+def _warm(model, ds):
+    """BatchNorm statistics of the toy data (the untrained defaults leave the second adder's input all 0)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.momentum = None  # a cumulative average: one pass gives the batch's statistics
+    with torch.no_grad():
+        model.train()(_calib(ds))
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval()
+
+
 def _qat_run(tmp_path, epochs, resume=False, **kw):
-    model, ds = _net(), _data()
+    ds = _data()
+    model = _warm(_net(), ds)
     q = quantize(model, _calib(ds), QuantConfig.ours(4)).model
     cfg = QATConfig(epochs=epochs, lr=0.02, batch_size=16, distill=0.5, schedule="step", holdout=16,
                     checkpoint=str(tmp_path / "qat.pt"), resume=resume, log_path=str(tmp_path / "log.jsonl"),
@@ -123,8 +196,9 @@ def _qat_run(tmp_path, epochs, resume=False, **kw):
     return q, log
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    full, full_log = _qat_run(tmp_path / "a", 3)
+@pytest.mark.parametrize("range_lr", [0.0, 20.0])
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, range_lr):
+    full, full_log = _qat_run(tmp_path / "a", 3, range_lr=range_lr)
     import importlib
 
     qat_module = importlib.import_module("adderquant.quant.qat")
@@ -139,12 +213,15 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(qat_module, "sgd_epoch", killed_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        _qat_run(tmp_path / "b", 3)
+        _qat_run(tmp_path / "b", 3, range_lr=range_lr)
     monkeypatch.setattr(qat_module, "sgd_epoch", real)
     assert torch.load(tmp_path / "b" / "qat.pt", weights_only=True)["epoch"] == 2
     with pytest.raises(ValueError, match="different QAT configuration"):
-        _qat_run(tmp_path / "b", 4, resume=True)  # other options than the run that wrote it: refused
-    resumed, log = _qat_run(tmp_path / "b", 3, resume=True)
+        _qat_run(tmp_path / "b", 4, resume=True, range_lr=range_lr)  # other options than the run that wrote it
+    resumed, log = _qat_run(tmp_path / "b", 3, resume=True, range_lr=range_lr)
+    if range_lr:
+        lo, hi = full_log[-1]["range_ratio"]
+        assert lo < 0.999 or hi > 1.001  # the ranges did move
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     def untimed(entries):

@@ -260,6 +260,8 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
                    help="cosine learning-rate decay stepped per epoch or per batch")
     p.add_argument("--qat-bn-reestimate", type=int, default=None, metavar="N",
                    help="exact BatchNorm statistics on N training batches after QAT")
+    p.add_argument("--qat-range-lr", type=float, default=None, metavar="LR",
+                   help="learn the shared ranges (LSQ) at this learning rate (default: the recipe's)")
     p.add_argument("--qat-holdout", type=int, default=None, metavar="N",
                    help="hold N training images out of QAT and score them after every epoch")
     p.add_argument("--qat-checkpoint", default=None, metavar="FILE",
@@ -302,7 +304,8 @@ def _quantize_run(args):
     if args.qat_epochs:
         recipe = {k: v for k, v in {"distill": args.qat_distill, "temperature": args.qat_temperature,
                                     "schedule": args.qat_schedule, "bn_reestimate": args.qat_bn_reestimate,
-                                    "holdout": args.qat_holdout}.items() if v is not None}
+                                    "holdout": args.qat_holdout, "range_lr": args.qat_range_lr}.items()
+                  if v is not None}
         qat = QATConfig(epochs=args.qat_epochs, lr=args.qat_lr, limit_train=args.qat_limit_train,
                         eval_limit=args.limit, clip_grad_norm=args.qat_clip_grad_norm, latent=not args.qat_literal,
                         checkpoint=args.qat_checkpoint, resume=args.qat_resume, log_path=args.qat_log, **recipe)

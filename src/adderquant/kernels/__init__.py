@@ -3,7 +3,8 @@
 Every adder computation in the package goes through the functions below. A backend is an
 object with a ``name``, ``supports(op, *tensors) -> bool`` and any of the methods ``forward``,
 ``grad_input``, ``grad_weight``, ``int_forward`` (same signatures as the functions here, geometry
-already normalised to pairs), ``requant`` and ``quantize`` (the integer engine's element-wise ops).
+already normalised to pairs), ``requant`` and ``quantize`` (the integer engine's element-wise ops)
+and ``fake_quant``/``masked_grad`` (QAT's activation quantiser and its backward).
 The pure-PyTorch ``reference`` backend implements all of them and is what every faster backend is
 tested against.
 
@@ -160,6 +161,18 @@ def int_quantize(z, thresholds, qmin: int, dtype: torch.dtype) -> torch.Tensor:
     if z.dtype != torch.int64 or thresholds.dtype != torch.int64:
         raise TypeError(f"int_quantize: z and thresholds must be int64, got {z.dtype}, {thresholds.dtype}")
     return _pick("quantize", z, thresholds)(z, thresholds, qmin, dtype)
+
+
+def fake_quant(x, scale, qn: int, qp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s·clamp(round(x/s), q_n, q_p), mask)`` with ``mask = q_n ≤ round(x/s) ≤ q_p`` (bool): QAT's
+    fake quantisation and its straight-through mask in one pass where a backend fuses it; the values
+    equal the PyTorch expression bit for bit (IEEE division, round half to even)."""
+    return _pick("fake_quant", x, scale)(x, scale, qn, qp)
+
+
+def masked_grad(g, inside) -> torch.Tensor:
+    """``g`` where ``inside`` (bool, g's shape), else 0: the straight-through backward of :func:`fake_quant`."""
+    return _pick("masked_grad", g, inside)(g, inside)
 
 
 register(reference.BACKEND)

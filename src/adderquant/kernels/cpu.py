@@ -50,6 +50,8 @@ def _load() -> ctypes.CDLL | None:
         ("aq_int_forward", [p, i, p, i, p, i64p, i]),
         ("aq_requant", [p, i, p, p, p, p, i, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, i]),
         ("aq_quantize", [p, ctypes.c_int64, p, ctypes.c_int64, ctypes.c_int64, i, p, i]),
+        ("aq_fake_quant_f32", [p, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_float, p, p, i]),
+        ("aq_mask_f32", [p, p, ctypes.c_int64, p, i]),
         ("aq_set_isa", [i]),
         ("aq_isa", []),
         ("aq_isa_max", []),
@@ -154,6 +156,12 @@ class _Cpu:
                     and x.shape[1] == w.shape[1])
         if op in ("requant", "quantize"):
             return all(t.device.type == "cpu" for t in tensors)
+        if op == "fake_quant":
+            x, scale = tensors
+            return x.device.type == scale.device.type == "cpu" and x.dtype == torch.float32 and scale.numel() == 1
+        if op == "masked_grad":
+            g, inside = tensors
+            return g.device.type == "cpu" and g.dtype == torch.float32 and g.shape == inside.shape
         return False
 
     def forward(self, x, weight, stride, padding, dilation, groups=1):
@@ -193,6 +201,19 @@ class _Cpu:
         gw = torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, stride=stride, padding=padding, dilation=dilation,
                                          groups=groups)
         return gw - weight * grad_out.sum((0, 2, 3)).view(-1, 1, 1, 1)
+
+    def fake_quant(self, x, scale, qn, qp):
+        x = x.contiguous()
+        y, inside = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool)
+        _check(self._lib.aq_fake_quant_f32(x.data_ptr(), x.numel(), float(scale), float(qn), float(qp), y.data_ptr(),
+                                           inside.data_ptr(), torch.get_num_threads()))
+        return y, inside
+
+    def masked_grad(self, g, inside):
+        g, inside = g.contiguous(), inside.contiguous()
+        y = torch.empty_like(g)
+        _check(self._lib.aq_mask_f32(g.data_ptr(), inside.data_ptr(), g.numel(), y.data_ptr(), torch.get_num_threads()))
+        return y
 
     def int_forward(self, x_q, w_q, stride, padding, dilation):
         geom, ho, wo = _geometry(x_q, w_q, stride, padding, dilation)

@@ -90,6 +90,16 @@ class _Reference:
         acc = self.forward(x_q.to(torch.float64), w_q.to(torch.float64), stride, padding, dilation)
         return acc.to(torch.int32)
 
+    def fake_quant(self, x, scale, qn, qp):
+        """``(s·clamp(round(x/s), q_n, q_p), round(x/s) ∈ [q_n, q_p])``: the fake-quantized values and the
+        straight-through mask."""
+        codes = torch.round(x / scale)
+        inside = (codes >= qn) & (codes <= qp)
+        return codes.clamp_(qn, qp).mul_(scale), inside
+
+    def masked_grad(self, g, inside):
+        return g * inside
+
     def requant(self, v, mult, shift, bias, residual, relu):
         """``floor((v·M + 2^(sh−1)) / 2^sh) + B`` per channel (dim 1) in int64, then ``+ residual``, ReLU."""
         check_int64_range(v, int(mult.abs().max()) if mult.numel() else 0, "requant")

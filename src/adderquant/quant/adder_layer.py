@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.functional import adaptive_scale, adder_conv2d, adder_conv2d_latent
-from .uniform import int_range, quantize_int, round_ste, scale_for_range
+from .uniform import fake_quantize, int_range, quantize_int, round_ste, scale_for_range
 
 
 def window_sum(x: torch.Tensor, kernel, stride, padding, dilation, groups: int = 1) -> torch.Tensor:
@@ -108,8 +108,22 @@ class QuantAdderConv2d(nn.Module):
         """``(q_n, q_p)`` of the integer grid shared by weights and activations."""
         return int_range(self.bits, self.signed)
 
+    @property
+    def learns_ranges(self) -> bool:
+        return "range_values" in self._parameters
+
+    def current_ranges(self) -> torch.Tensor:
+        """``r_j`` per group: the stored buffer, or while the ranges learn (QAT) the parameter's values."""
+        if self.learns_ranges:
+            return self._learned().detach()[self.range_index]
+        return self.ranges
+
+    def _learned(self) -> torch.Tensor:
+        """The range parameters, kept ≥ 1e-8 (the calibration's floor): an SGD step may overshoot 0."""
+        return self.range_values.clamp_min(1e-8)
+
     def scales(self) -> torch.Tensor:
-        return scale_for_range(self.ranges, self.bits, self.signed)
+        return scale_for_range(self.current_ranges(), self.bits, self.signed)
 
     def channel_scales(self) -> torch.Tensor:
         return self.scales()[self.group_of]
@@ -118,10 +132,19 @@ class QuantAdderConv2d(nn.Module):
     def double_step(self) -> bool:
         return getattr(self, "weight_grid", "shared") == "double_step"
 
+    def _interval(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fold interval per output channel (float64): as recorded, or while the ranges learn the
+        grid's edges ``[q_n·s_j, q_p·s_j]`` of the current ranges (Theorem 1 holds for any ``s_j``)."""
+        if not self.learns_ranges or not torch.isfinite(self.clamp_hi).all():
+            return self.clamp_lo, self.clamp_hi
+        qn, qp = self.int_bounds()
+        s = self.channel_scales().double().view(-1, 1, 1, 1)
+        return qn * s, qp * s
+
     def _clamped_latent(self) -> torch.Tensor:
         """The latent weights clamped into the fold interval, in float64 (as the PTQ fold computes it)."""
-        w = self.weight.detach().double()
-        return torch.minimum(torch.maximum(w, self.clamp_lo), self.clamp_hi)
+        lo, hi = self._interval()
+        return torch.minimum(torch.maximum(self.weight.detach().double(), lo), hi)
 
     def folded_weight(self) -> torch.Tensor:
         """The weights the grid sees: the parameter itself, or with latent weights their clamp (no gradient:
@@ -153,14 +176,45 @@ class QuantAdderConv2d(nn.Module):
         self.latent = True
 
     def fold(self) -> None:
-        """Back to the clamped weights and a stored fold bias (what :func:`adderquant.integer.export` reads)."""
+        """Back to the clamped weights and a stored fold bias (what :func:`adderquant.integer.export` reads);
+        learned ranges become the stored ones."""
         if not self.latent:
             return
         bias = self.fold_bias()
         with torch.no_grad():
+            self.clamp_lo, self.clamp_hi = self._interval()
             self.weight.copy_(self._clamped_latent().to(self.weight.dtype))
             self.clamp_bias.copy_(bias)
+            if self.learns_ranges:
+                self.ranges.copy_(self.current_ranges())
+                del self.range_values, self.range_index
         self.latent = False
+
+    def learn_ranges(self) -> None:
+        """Train the shared ranges (QAT, LSQ on the activation grid, Esser et al. 2020): groups that share
+        a range keep sharing one parameter, so the one-shared-scale constraint and the number of adder
+        calls stay as calibrated. The fold interval follows the ranges, so this needs latent weights.
+
+        The range's gradient comes from the activation quantizer only (LSQ's rounding residual inside
+        the grid, ``q_p`` where activations clip), scaled by ``1/sqrt(q_p·features)``: on the weight side
+        the fold keeps the function independent of the range for every clamped weight (Theorem 1), and
+        the AdderNet weight gradient is a full-precision proxy that would not respect that."""
+        if not self.latent:
+            raise ValueError("learnable ranges need latent weights: call unfold() first")
+        if self.double_step or self.grid != "uniform" or self.lossless_act_clamp:
+            raise NotImplementedError("learnable ranges are implemented for the shared uniform grid without "
+                                      "the lossless activation clamp")
+        if self.learns_ranges:
+            return
+        if torch.isfinite(self.clamp_hi).all():
+            qn, qp = self.int_bounds()
+            s = self.channel_scales().double().view(-1, 1, 1, 1)
+            if not (torch.allclose(self.clamp_lo, qn * s) and torch.allclose(self.clamp_hi, qp * s)):
+                raise ValueError("learnable ranges need the weight clamp at the grid's edges "
+                                 "(clamp_to='representable'), not the paper's literal interval")
+        values, index = torch.unique(self.ranges, return_inverse=True)
+        self.range_values = nn.Parameter(values.clone())
+        self.register_buffer("range_index", index)
 
     def int_weight(self) -> torch.Tensor:
         """w̄ per channel with its group's scale, as integer-valued float (STE in training); for the
@@ -191,7 +245,12 @@ class QuantAdderConv2d(nn.Module):
         return (x_wide - qp).clamp_min(0) + (qn - x_wide).clamp_min(0)
 
     def scale_sets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``(s, channels)`` per distinct scale: groups that share a scale share one adder call."""
+        """``(s, channels)`` per distinct scale: groups that share a scale share one adder call. While the
+        ranges learn, one set per range parameter, its ``s`` differentiable."""
+        if self.learns_ranges:
+            per_channel = self.range_index[self.group_of]
+            return [(scale_for_range(r, self.bits, self.signed), (per_channel == k).nonzero().flatten())
+                    for k, r in enumerate(self._learned())]
         scales = self.scales()
         per_channel = scales[self.group_of]
         return [(s, (per_channel == s).nonzero().flatten()) for s in torch.unique(scales)]
@@ -253,24 +312,34 @@ class QuantAdderConv2d(nn.Module):
         qn, qp = self.int_bounds()
         geometry = (self.stride, self.padding, self.dilation)
         out, cg = None, self.conv_groups
-        for s, idx in self.scale_sets():
+        sets = self.scale_sets()
+        for s, idx in sets:
             s, rows = s.to(x.dtype), self.call_rows(idx)
             if train:
-                x_int = quantize_int(x, s, self.bits, self.signed)
+                if self.learns_ranges:  # LSQ's gradient scale: the range's step matches the weights'
+                    g = (x[0].numel() * qp) ** -0.5
+                    s = s.detach() + (s - s.detach()) * g  # the value exactly s
+                x_q = fake_quantize(x, s, self.bits, self.signed)
                 if self.latent:
-                    y = adder_conv2d_latent(x_int * s, w_full[rows].detach(), w_grad[rows], *geometry, groups=cg)
+                    y = adder_conv2d_latent(x_q, w_full[rows].detach(), w_grad[rows], *geometry, groups=cg)
                 else:
-                    y = adder_conv2d(x_int * s, w_full[rows], None, *geometry, groups=cg)
+                    y = adder_conv2d(x_q, w_full[rows], None, *geometry, groups=cg)
             else:  # integer-valued operands: the accumulator is exact, as in the integer engine
                 x_wide = torch.round(x / s)
                 y = adder_conv2d(x_wide.clamp(qn, qp), w_int[rows], None, *geometry, groups=cg) * s
             if self.lossless_act_clamp:
                 excess = self.excess(torch.round(x / s).detach() if train else x_wide)
                 y = y - self.window_excess(excess, geometry) * s
+            if len(sets) == 1:  # every channel in one call: no scatter
+                out = self.call_outputs(y, idx)
+                break
             if out is None:
                 out = x.new_empty(x.shape[0], self.out_channels, y.shape[2], y.shape[3])
             out[:, idx] = self.call_outputs(y, idx)
-        return out + self.fold_bias().to(x.dtype).view(1, -1, 1, 1)
+        bias = self.fold_bias().to(x.dtype).view(1, -1, 1, 1)
+        # in place where out is a tensor of its own (not a kernel's view): one activation-sized allocation
+        # less per layer, which was a third of QAT's extra cost over a training step (bench_qat.py)
+        return out.add_(bias) if out._base is None else out + bias
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, bits={self.bits}, "

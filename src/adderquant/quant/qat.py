@@ -14,6 +14,9 @@ What this module adds, each a :class:`QATConfig` field:
 - ``distill``: knowledge distillation from the full-precision model (Hinton et al. 2015), loss
   ``(1 − α)·CE + α·T²·KL(softmax(t/T) ‖ softmax(s/T))`` on the same augmented batch.
 - ``schedule="step"``: the cosine decay stepped after every batch instead of every epoch.
+- ``range_lr``: the shared ranges learn (LSQ, Esser et al. 2020; one parameter per set of groups that
+  share a range, so the one-shared-scale constraint holds), with their own learning rate and no weight
+  decay (:meth:`QuantAdderConv2d.learn_ranges`).
 - ``bn_reestimate``: exact BatchNorm statistics re-estimated on that many training batches at the end.
 - ``holdout``: training images kept out of QAT and scored after every epoch (the validation score
   that chooses recipes; the test split only reports).
@@ -57,6 +60,7 @@ class QATConfig:
     distill: float = 0.5  # weight α of the distillation term (0: plain cross-entropy); scripts/qat_select.py
     temperature: float = 4.0  # distillation temperature T
     schedule: str = "step"  # cosine decay stepped per "step" or per "epoch" (the paper's)
+    range_lr: float = 0.0  # learning rate of the shared ranges (LSQ; 0: frozen as calibrated, the paper's)
     bn_reestimate: int = 0  # batches of training images for exact BN statistics at the end (0: off)
     holdout: int = 0  # training images held out of QAT and scored after every epoch
     checkpoint: str | None = None  # file for the state after every epoch (atomic)
@@ -80,6 +84,10 @@ class QATConfig:
             problems.append(f"temperature must be a finite number > 0, got {self.temperature}")
         if self.schedule not in ("epoch", "step"):
             problems.append(f"schedule must be 'epoch' or 'step', got {self.schedule!r}")
+        if not (math.isfinite(self.range_lr) and self.range_lr >= 0):
+            problems.append(f"range_lr must be a finite number ≥ 0, got {self.range_lr}")
+        if self.range_lr > 0 and not self.latent:
+            problems.append("learnable ranges (range_lr > 0) need latent weights: the fold follows the range")
         if self.bn_reestimate < 0 or self.holdout < 0:
             problems.append("bn_reestimate and holdout must be ≥ 0")
         if self.resume and not self.checkpoint:
@@ -120,6 +128,13 @@ def unfold_weights(qmodel: nn.Module, float_model: nn.Module) -> int:
     return done
 
 
+def _learn_ranges(qmodel: nn.Module) -> list[nn.Parameter]:
+    layers = [m for m in adder_layers(qmodel).values() if m.latent]
+    for m in layers:
+        m.learn_ranges()
+    return [m.range_values for m in layers]
+
+
 def fold_weights(qmodel: nn.Module) -> None:
     for layer in adder_layers(qmodel).values():
         layer.fold()
@@ -158,6 +173,7 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
     qmodel.to(device)
     if config.latent:
         unfold_weights(qmodel, float_model)
+    ranges = _learn_ranges(qmodel) if config.range_lr > 0 else []
     teacher = None
     if config.distill > 0:
         teacher = float_model.to(device).eval()  # run under no_grad by the loop
@@ -169,8 +185,12 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
     if config.holdout:
         keep, held = holdout_split(len(y), config.holdout, config.seed)
         x_val, y_val, x, y = x[held], y[held], x[keep], y[keep]
-    opt = torch.optim.SGD(qmodel.parameters(), lr=config.lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay)
+    learned = {id(r) for r in ranges}
+    groups = [{"params": [q for q in qmodel.parameters() if id(q) not in learned]}]
+    if ranges:
+        groups.append({"params": ranges, "lr": config.range_lr, "weight_decay": 0.0})
+    opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    start_ranges = [r.detach().clone() for r in ranges]
     per_epoch = math.ceil(len(y) / config.batch_size)
     sched = cosine_schedule(opt, config.epochs * (per_epoch if config.schedule == "step" else 1))
     log, steps, start_epoch = [], 0, 0
@@ -201,6 +221,10 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
             sched.step()
         entry = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **epoch_summary(stats),
                  "seconds": stats["seconds"]}
+        if ranges:  # how far the learned ranges moved: min and max of r / r_calibrated over all of them
+            moved = torch.cat([(r.detach().clamp_min(1e-8) / r0).flatten()
+                               for r, r0 in zip(ranges, start_ranges, strict=True)])
+            entry["range_ratio"] = [float(moved.min()), float(moved.max())]
         last = epoch + 1 == config.epochs or bool(config.max_steps and steps >= config.max_steps)
         if last and config.bn_reestimate:
             _reestimate(qmodel, x, config, normalization, device)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
+
 
 def int_range(bits: int, signed: bool = True) -> tuple[int, int]:
     """``[q_n, q_p] = [-2^(b-1), 2^(b-1) - 1]`` (signed) or ``[0, 2^b - 1]`` (unsigned)."""
@@ -38,6 +40,42 @@ def quantize_int(v: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool =
     return torch.clamp(round_ste(v / scale), qn, qp)
 
 
+class _FakeQuantSTE(torch.autograd.Function):
+    """``s·clamp(round(v/s), q_n, q_p)`` in one node: the STE passes ``g`` where ``round(v/s)`` lies in
+    the grid and 0 outside; the scale, when it learns, gets LSQ's gradient (Esser et al. 2020)
+    ``Σ g·(round(v/s) − v/s)`` inside the grid and ``Σ g·q_n`` / ``Σ g·q_p`` outside. It saves a byte
+    mask (plus ``v/s`` and the codes when the scale learns) instead of the chain of divide, round, clamp
+    and multiply nodes, each with its own saved input: QAT's activations pass through one per layer."""
+
+    @staticmethod
+    def forward(ctx, v, scale, qn, qp):
+        ctx.learn = scale.requires_grad
+        ctx.scale_shape = scale.shape
+        if ctx.learn:
+            t = v / scale
+            codes = torch.round(t)
+            inside = (codes >= qn) & (codes <= qp)
+            codes.clamp_(qn, qp)
+            ctx.save_for_backward(inside, t, codes)
+            return codes * scale
+        out, inside = kernels.fake_quant(v, scale, qn, qp)
+        ctx.save_for_backward(inside, None, None)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        inside, t, codes = ctx.saved_tensors
+        grad_v = kernels.masked_grad(g, inside) if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.learn:
+            per = g * torch.where(inside, codes - t, codes)
+            grad_s = per.sum_to_size(ctx.scale_shape)
+        return grad_v, grad_s, None, None
+
+
 def fake_quantize(v: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
-    """``s · clamp(round(v / s), q_n, q_p)`` (Eq. 4)."""
-    return quantize_int(v, scale, bits, signed) * scale
+    """``s · clamp(round(v / s), q_n, q_p)`` (Eq. 4): the value of ``quantize_int(v, s)·s``, bit for bit,
+    as one autograd node (STE; LSQ's gradient for a scale that requires grad)."""
+    qn, qp = int_range(bits, signed)
+    scale = torch.as_tensor(scale, dtype=v.dtype, device=v.device)
+    return _FakeQuantSTE.apply(v, scale, qn, qp)
