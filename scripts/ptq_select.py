@@ -10,6 +10,13 @@ score; the markdown names, per bit width, the candidate with the best mean top-1
 (ties: lower mean loss) — what ``QuantConfig.ours`` encodes.
 
     python scripts/ptq_select.py --data ../shared/data/cifar10     # docs/results/ptq_select.{json,md}
+
+Learned rounding was built after that choice; ``--rounding`` adds ``ours`` with it (200 iterations per
+block, the preset's switches kept) as one more candidate, so the same rule can say whether it belongs
+in ``ours``::
+
+    python scripts/ptq_select.py --data ../shared/data/cifar10 --bits 4 3 --rounding \
+        --out docs/results/ptq_select_rounding
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ SEEDS = (0, 1, 2)
 HELD_OUT = 2000
 
 
-def candidates(bits: int) -> dict:
+def candidates(bits: int, rounding: bool = False) -> dict:
     from adderquant.quant import QuantConfig
 
     unsigned = {"unsigned_activations": True}
+    extra = {"ours+rounding": QuantConfig.ours(bits, learned_rounding=200)} if rounding else {}
     return {
         "paper-unsigned": QuantConfig.paper(bits, **unsigned),
         "+bn-mean": QuantConfig.paper(bits, **unsigned, bn_correction="mean"),
@@ -42,7 +50,7 @@ def candidates(bits: int) -> dict:
         "+search": QuantConfig.paper(bits, **unsigned, range_search=True),
         "+search+bn-mean": QuantConfig.paper(bits, **unsigned, range_search=True, bn_correction="mean"),
         "+search+bn-mean-var": QuantConfig.paper(bits, **unsigned, range_search=True, bn_correction="mean_var"),
-    }
+    } | extra
 
 
 @torch.no_grad()
@@ -70,10 +78,12 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=find_official_addernet())
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "ptq_select"))
     ap.add_argument("--bits", type=int, nargs="+", default=list(BITS))
+    ap.add_argument("--rounding", action="store_true", help="add ours + learned rounding as a candidate")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     if args.checkpoint is None:
         ap.error("the official AdderNet ResNet-20 was not found: pass --checkpoint")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     ck = load(args.checkpoint)
     ds = load_dataset(args.data)
     calib_idx = {s: calibration_indices(ds, 1024, s) for s in SEEDS}
@@ -85,7 +95,7 @@ def main(argv=None) -> int:
         calib = normalize(ds.x_train[calib_idx[seed]], *ck.normalization)
         obs = calibrate(ck.model, calib, QuantConfig.paper(4), min_alpha=0.99)
         for bits in args.bits:
-            for name, config in candidates(bits).items():
+            for name, config in candidates(bits, args.rounding).items():
                 t0 = time.perf_counter()
                 q = quantize_adder(ck.model, calib, config, observers=obs).model
                 top1, loss = score(q, xh, yh, ck.normalization)
@@ -95,12 +105,15 @@ def main(argv=None) -> int:
     chosen = {}
     for bits in args.bits:
         agg = {}
-        for name in candidates(bits):
+        for name in candidates(bits, args.rounding):
             mine = [r for r in rows if r["bits"] == bits and r["candidate"] == name]
             agg[name] = (statistics.mean(r["held_out_top1"] for r in mine), -statistics.mean(r["held_out_loss"]
                                                                                             for r in mine))
         chosen[bits] = max(agg, key=agg.get)
-    out = {"command": "python scripts/ptq_select.py --data " + args.data, "checkpoint": str(args.checkpoint),
+    command = "python scripts/ptq_select.py --data " + args.data
+    if args.rounding:
+        command += " --bits " + " ".join(map(str, args.bits)) + " --rounding --out " + args.out
+    out = {"command": command, "checkpoint": str(args.checkpoint),
            "held_out": f"{HELD_OUT} training images outside every calibration subset (seeds {list(SEEDS)})",
            "fp_held_out_top1": fp[0], "fp_held_out_loss": fp[1], "rows": rows, "chosen": chosen,
            "machine": platform.processor() or platform.machine(), "python": sys.version.split()[0]}

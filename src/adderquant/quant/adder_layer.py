@@ -40,6 +40,8 @@ sits at 0, so ``HardTanh(W' − X) = −X`` for ~43 % of the output channels ali
 for negative and ``≈ +1`` for positive weights; the input gradient then carries the all-channel sum
 of the output gradient and grows block by block (``scripts/qat_gradient_norms.py``).
 :meth:`QuantAdderConv2d.fold` returns to the clamped form the integer export reads.
+:meth:`QuantAdderConv2d.learn_ranges` also lets the shared ranges train (LSQ); the fold interval then
+follows them, and ``fold()`` stores the learned ones.
 """
 
 from __future__ import annotations
