@@ -139,6 +139,11 @@ class QuantAdderConv2d(nn.Module):
         grid's edges ``[q_n·s_j, q_p·s_j]`` of the current ranges (Theorem 1 holds for any ``s_j``)."""
         if not self.learns_ranges or not torch.isfinite(self.clamp_hi).all():
             return self.clamp_lo, self.clamp_hi
+        return self._grid_edges()
+
+    def _grid_edges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q_n·s_j, q_p·s_j)`` per output channel in float64: the interval the quantized activations
+        occupy (``clamp_to='representable'``)."""
         qn, qp = self.int_bounds()
         s = self.channel_scales().double().view(-1, 1, 1, 1)
         return qn * s, qp * s
@@ -209,9 +214,8 @@ class QuantAdderConv2d(nn.Module):
         if self.learns_ranges:
             return
         if torch.isfinite(self.clamp_hi).all():
-            qn, qp = self.int_bounds()
-            s = self.channel_scales().double().view(-1, 1, 1, 1)
-            if not (torch.allclose(self.clamp_lo, qn * s) and torch.allclose(self.clamp_hi, qp * s)):
+            lo, hi = self._grid_edges()
+            if not (torch.allclose(self.clamp_lo, lo) and torch.allclose(self.clamp_hi, hi)):
                 raise ValueError("learnable ranges need the weight clamp at the grid's edges "
                                  "(clamp_to='representable'), not the paper's literal interval")
         values, index = torch.unique(self.ranges, return_inverse=True)

@@ -128,11 +128,11 @@ def unfold_weights(qmodel: nn.Module, float_model: nn.Module) -> int:
     return done
 
 
-def _learn_ranges(qmodel: nn.Module) -> list[nn.Parameter]:
+def _learn_ranges(qmodel: nn.Module) -> list[QuantAdderConv2d]:
     layers = [m for m in adder_layers(qmodel).values() if m.latent]
     for m in layers:
         m.learn_ranges()
-    return [m.range_values for m in layers]
+    return layers
 
 
 def fold_weights(qmodel: nn.Module) -> None:
@@ -173,7 +173,8 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
     qmodel.to(device)
     if config.latent:
         unfold_weights(qmodel, float_model)
-    ranges = _learn_ranges(qmodel) if config.range_lr > 0 else []
+    learning = _learn_ranges(qmodel) if config.range_lr > 0 else []
+    ranges = [m.range_values for m in learning]
     teacher = None
     if config.distill > 0:
         teacher = float_model.to(device).eval()  # run under no_grad by the loop
@@ -190,7 +191,6 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
     if ranges:
         groups.append({"params": ranges, "lr": config.range_lr, "weight_decay": 0.0})
     opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    start_ranges = [r.detach().clone() for r in ranges]
     per_epoch = math.ceil(len(y) / config.batch_size)
     sched = cosine_schedule(opt, config.epochs * (per_epoch if config.schedule == "step" else 1))
     log, steps, start_epoch = [], 0, 0
@@ -221,9 +221,8 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
             sched.step()
         entry = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **epoch_summary(stats),
                  "seconds": stats["seconds"]}
-        if ranges:  # how far the learned ranges moved: min and max of r / r_calibrated over all of them
-            moved = torch.cat([(r.detach().clamp_min(1e-8) / r0).flatten()
-                               for r, r0 in zip(ranges, start_ranges, strict=True)])
+        if learning:  # how far the learned ranges moved: min and max of r / r_calibrated (the stored buffer)
+            moved = torch.cat([m.current_ranges() / m.ranges for m in learning])
             entry["range_ratio"] = [float(moved.min()), float(moved.max())]
         last = epoch + 1 == config.epochs or bool(config.max_steps and steps >= config.max_steps)
         if last and config.bn_reestimate:

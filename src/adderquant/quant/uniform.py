@@ -43,33 +43,28 @@ def quantize_int(v: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool =
 class _FakeQuantSTE(torch.autograd.Function):
     """``s·clamp(round(v/s), q_n, q_p)`` in one node: the STE passes ``g`` where ``round(v/s)`` lies in
     the grid and 0 outside; the scale, when it learns, gets LSQ's gradient (Esser et al. 2020)
-    ``Σ g·(round(v/s) − v/s)`` inside the grid and ``Σ g·q_n`` / ``Σ g·q_p`` outside. It saves a byte
-    mask (plus ``v/s`` and the codes when the scale learns) instead of the chain of divide, round, clamp
-    and multiply nodes, each with its own saved input: QAT's activations pass through one per layer."""
+    ``Σ g·(round(v/s) − v/s)`` inside the grid and ``Σ g·q_n`` / ``Σ g·q_p`` outside. The forward is
+    :func:`adderquant.kernels.fake_quant` (one pass where fused); it saves a byte mask (plus ``v`` when
+    the scale learns: the backward recomputes ``v/s`` and the codes) instead of the chain of divide,
+    round, clamp and multiply nodes, each with its own saved input: QAT's activations pass through one
+    per layer."""
 
     @staticmethod
     def forward(ctx, v, scale, qn, qp):
-        ctx.learn = scale.requires_grad
-        ctx.scale_shape = scale.shape
-        if ctx.learn:
-            t = v / scale
-            codes = torch.round(t)
-            inside = (codes >= qn) & (codes <= qp)
-            codes.clamp_(qn, qp)
-            ctx.save_for_backward(inside, t, codes)
-            return codes * scale
-        out, inside = kernels.fake_quant(v, scale, qn, qp)
-        ctx.save_for_backward(inside, None, None)
+        ctx.learn, ctx.grid = scale.requires_grad, (qn, qp)
+        out, inside = kernels.fake_quant(v, scale.detach(), qn, qp)
+        ctx.save_for_backward(inside, v if ctx.learn else None, scale if ctx.learn else None)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        inside, t, codes = ctx.saved_tensors
+        inside, v, scale = ctx.saved_tensors
         grad_v = kernels.masked_grad(g, inside) if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.learn:
-            per = g * torch.where(inside, codes - t, codes)
-            grad_s = per.sum_to_size(ctx.scale_shape)
+            t = v / scale
+            codes = torch.round(t).clamp_(*ctx.grid)
+            grad_s = (g * torch.where(inside, codes - t, codes)).sum_to_size(scale.shape)
         return grad_v, grad_s, None, None
 
 
