@@ -3,7 +3,7 @@
 Three steps on one ResNet-20 (the official checkpoint when it is there: the scale groups it gets
 decide how many adder calls a quantized layer makes; else random weights), each the loop's
 own step (``adderquant.loop.sgd_epoch`` over one batch: crop + flip, forward, loss, AdderNet backward,
-SGD): ``train`` (the float AdderNet), ``qat`` (the 4-bit ``ours`` model with latent weights, the
+SGD): ``train`` (the float AdderNet), ``qat`` (the 4-bit ``ours-fast`` model with latent weights, the
 default QAT recipe without distillation) and ``qat_distill`` (the default recipe: plus the
 full-precision teacher's forward pass). They take turns, so that load from other processes hits
 them alike; the median of ``--steps`` is reported with the ratios to ``train``::
@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
             fp.train()
             fp(calib)
             fp.eval()
-    q = quantize(fp, calib, QuantConfig.ours(4)).model
+    q = quantize(fp, calib, QuantConfig.ours_fast(4)).model
     unfold_weights(q, fp)
     student = copy.deepcopy(fp)
 

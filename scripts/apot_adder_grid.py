@@ -1,6 +1,6 @@
 """APoT levels vs uniform levels on the adder layers' shared group range (issue: APoT extension).
 
-One calibration pass on 1024 CIFAR-10 training images (seed 0), then the paper's method and ours
+One calibration pass on 1024 CIFAR-10 training images (seed 0), then the paper's method and paper-unsigned
 (paper + unsigned grid) at 4 and 3 bits with ``grid="uniform"`` and ``grid="apot"``, each evaluated on
 the test split paired with full precision. Writes a JSON and prints a Markdown table.
 
@@ -36,7 +36,7 @@ def main() -> None:
     obs = calibrate(ck.model, calib, QuantConfig.paper(4), progress=False)
     rows = []
     for bits in (4, 3):
-        for name, make in (("paper", QuantConfig.paper), ("ours", QuantConfig.ours)):
+        for name, make in (("paper", QuantConfig.paper), ("paper-unsigned", QuantConfig.paper_unsigned)):
             for grid in ("uniform", "apot"):
                 start = time.perf_counter()
                 q = quantize_adder(ck.model, calib, make(bits, grid=grid), observers=obs).model
@@ -52,7 +52,7 @@ def main() -> None:
     print(f"\n{ds.name} test, {fp.n} images; FP {fp.top1:.2f} %\n\n| method | bits | uniform levels | APoT levels |")
     print("|---|---|---|---|")
     for bits in (4, 3):
-        for name in ("paper", "ours"):
+        for name in ("paper", "paper-unsigned"):
             u, a = (next(r for r in rows if (r["method"], r["bits"], r["grid"]) == (name, bits, g))
                     for g in ("uniform", "apot"))
             print(f"| {name} | {bits} | {u['top1']:.2f} ({u['delta']:+.2f}) | {a['top1']:.2f} ({a['delta']:+.2f}) |")

@@ -7,15 +7,15 @@ images that are in none of the calibration subsets (a fixed seeded draw). The sc
 images and, as a finer tie-breaker, their mean cross-entropy (the full-precision model is ~99.5 %
 right on training images, so top-1 alone moves in steps of a few images). The JSON records every
 score; the markdown names, per bit width, the candidate with the best mean top-1 over the seeds
-(ties: lower mean loss) — what ``QuantConfig.ours`` encodes.
+(ties: lower mean loss) — what ``QuantConfig.ours_fast`` encodes (``OURS_SWITCHES``).
 
     python scripts/ptq_select.py --data ../shared/data/cifar10     # docs/results/ptq_select.{json,md}
 
-Learned rounding was built after that choice; ``--rounding`` adds ``ours`` with it (200 iterations per
-block, the preset's switches kept) as one more candidate, so the same rule can say whether it belongs
-in ``ours``::
+Learned rounding was built after that choice; ``--rounding`` adds ``ours-fast`` with it (200
+iterations per block, the preset's switches kept) as one more candidate, so the same rule says at which
+widths ``QuantConfig.ours`` adds it (``OURS_ROUNDING``)::
 
-    python scripts/ptq_select.py --data ../shared/data/cifar10 --bits 4 3 --rounding \
+    python scripts/ptq_select.py --data ../shared/data/cifar10 --rounding \
         --out docs/results/ptq_select_rounding
 """
 
@@ -42,7 +42,7 @@ def candidates(bits: int, rounding: bool = False) -> dict:
     from adderquant.quant import QuantConfig
 
     unsigned = {"unsigned_activations": True}
-    extra = {"ours+rounding": QuantConfig.ours(bits, learned_rounding=200)} if rounding else {}
+    extra = {"ours-fast+rounding": QuantConfig.ours_fast(bits, learned_rounding=200)} if rounding else {}
     return {
         "paper-unsigned": QuantConfig.paper(bits, **unsigned),
         "+bn-mean": QuantConfig.paper(bits, **unsigned, bn_correction="mean"),
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=find_official_addernet())
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "ptq_select"))
     ap.add_argument("--bits", type=int, nargs="+", default=list(BITS))
-    ap.add_argument("--rounding", action="store_true", help="add ours + learned rounding as a candidate")
+    ap.add_argument("--rounding", action="store_true", help="add ours-fast + learned rounding as a candidate")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     if args.checkpoint is None:
@@ -111,8 +111,10 @@ def main(argv=None) -> int:
                                                                                             for r in mine))
         chosen[bits] = max(agg, key=agg.get)
     command = "python scripts/ptq_select.py --data " + args.data
+    if list(args.bits) != list(BITS):
+        command += " --bits " + " ".join(map(str, args.bits))
     if args.rounding:
-        command += " --bits " + " ".join(map(str, args.bits)) + " --rounding --out " + args.out
+        command += " --rounding --out " + args.out
     out = {"command": command, "checkpoint": str(args.checkpoint),
            "held_out": f"{HELD_OUT} training images outside every calibration subset (seeds {list(SEEDS)})",
            "fp_held_out_top1": fp[0], "fp_held_out_loss": fp[1], "rows": rows, "chosen": chosen,

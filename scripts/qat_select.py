@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The QAT recipe defaults, chosen on held-out TRAINING images — never the test set.
 
-From one PTQ model (`ours`, 1024 calibration images, seed 0) each candidate recipe fine-tunes a copy
+From one PTQ model (`ours-fast`, 1024 calibration images, seed 0) each candidate recipe fine-tunes a copy
 for one epoch on 10,000 training images (the first 15,000 minus a seeded held-out 5,000) and is
 scored on those 5,000 held-out images: top-1 and, the finer score, mean cross-entropy (the
 full-precision model has seen all training images, so top-1 there sits near 99 %). The PTQ model's
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     ck = load(args.checkpoint)
     fp = ck.model.eval()
     idx = calibration_indices(ds, 1024, 0)
-    ptq = quantize(fp, normalize(ds.x_train[idx], *ck.normalization), QuantConfig.ours(args.bits)).model
+    ptq = quantize(fp, normalize(ds.x_train[idx], *ck.normalization), QuantConfig.ours_fast(args.bits)).model
     _, held = holdout_split(args.train, args.holdout, 0)
     x_val, y_val = ds.x_train[: args.train][held], ds.y_train[: args.train][held]
     base = evaluate(ptq, x_val, y_val, ck.normalization)

@@ -87,7 +87,7 @@ def test_adderized_model_trains_quantizes_and_runs_in_integers():
     loss.backward()
     opt.step()
     assert not torch.equal(model[3].weight, w0)  # the AdderNet backward reached the adder weights
-    q = adderquant.quantize(model.eval(), xn, adderquant.QuantConfig.ours(4, quantize_first_last=True)).model
+    q = adderquant.quantize(model.eval(), xn, adderquant.QuantConfig.ours_fast(4, quantize_first_last=True)).model
     graph = convert(q, norm, input_shape=(3, 16, 16))
     with torch.no_grad():
         ref = float64_reference(q)(xn.double()).argmax(1)

@@ -265,10 +265,10 @@ NORM = ((0.5,) * 3, (0.25,) * 3)
 
 @pytest.mark.parametrize("config", [
     QuantConfig.paper(4, quantize_first_last=True),
-    QuantConfig.ours(4, quantize_first_last=True),
+    QuantConfig.ours_fast(4, quantize_first_last=True),
     QuantConfig.paper(3, quantize_first_last=True, unsigned_activations=True, lossless_act_clamp=True),
     QuantConfig.authors(4, quantize_first_last=True, bn_recalibration=10),  # its double-step weight grid
-    QuantConfig.ours(4, quantize_first_last=True, learned_rounding=4),
+    QuantConfig.ours_fast(4, quantize_first_last=True, learned_rounding=4),
 ], ids=["paper", "ours", "unsigned+lossless", "authors", "learned-rounding"])
 def test_grouped_model_fake_quant_engine_and_numpy_agree(config, tmp_path):
     torch.manual_seed(0)
@@ -349,7 +349,7 @@ def test_grouped_8bit_first_layer():
     xn = (x.float() / 255 - 0.5) / 0.25
     with torch.no_grad():
         model.train()(xn)
-    q = adderquant.quantize(model.eval(), xn, QuantConfig.ours(4, quantize_first_last=True)).model
+    q = adderquant.quantize(model.eval(), xn, QuantConfig.ours_fast(4, quantize_first_last=True)).model
     graph = convert(q, NORM, input_shape=(3, 10, 10))
     assert [n["attrs"].get("groups") for n in graph.nodes if n["op"] in ("conv", "adder")] == [3, 3]
     logits = IntegerEngine(graph)(x)

@@ -84,7 +84,7 @@ def test_a_generator_past_what_it_keeps_is_refused_not_approximated(small_adder)
 def test_a_dataloader_gives_the_tensor_result_and_keeps_what_the_tensor_path_keeps(small_adder):
     calib = _calib(40)
     loader = DataLoader(TensorDataset(calib, torch.zeros(40)), batch_size=7)
-    for config in (QuantConfig.paper(4), QuantConfig.ours(4)):
+    for config in (QuantConfig.paper(4), QuantConfig.ours_fast(4)):
         a, b = quantize(small_adder, calib, config), quantize(small_adder, loader, config)
         assert [v["r_x"] for v in a.layers.values()] == [v["r_x"] for v in b.layers.values()]
         sa, sb = a.model.state_dict(), b.model.state_dict()
@@ -98,7 +98,7 @@ def test_a_dataloader_gives_the_tensor_result_and_keeps_what_the_tensor_path_kee
 def test_quantize_keeps_only_the_first_images_of_an_iterable_for_whole_tensor_steps(small_adder):
     batches = (_calib(4, seed=s) for s in range(25))  # 100 images, one pass
     with pytest.warns(UserWarning, match="BN correction used the first 16 of the 100 calibration images"):
-        result = quantize(small_adder, batches, QuantConfig.ours(4), tensor_images=16)
+        result = quantize(small_adder, batches, QuantConfig.ours_fast(4), tensor_images=16)
     assert result.layers
 
 
@@ -129,7 +129,7 @@ def test_the_library_shows_no_progress_unless_asked(small_adder, capsys):
 
     x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
     evaluate(small_adder, x, torch.zeros(6, dtype=torch.long), ((0.5,) * 3, (0.25,) * 3), batch_size=2)
-    quantize(small_adder, _calib(8), QuantConfig.ours(4))
+    quantize(small_adder, _calib(8), QuantConfig.ours_fast(4))
     assert capsys.readouterr().err == ""
 
 
@@ -453,4 +453,4 @@ def test_written_files_follow_the_umask(tmp_path, small_adder):
 def test_no_warnings_leak_from_a_tensor_calibration(small_adder):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        quantize(small_adder, _calib(16), QuantConfig.ours(4))
+        quantize(small_adder, _calib(16), QuantConfig.ours_fast(4))

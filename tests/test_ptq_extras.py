@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,7 +107,7 @@ def test_bn_reestimation_equals_the_statistics_of_all_its_batches(images):
 def test_bn_reestimation_ema_follows_pytorch_momentum(images):
     model = _tiny(images, seed=1)
     calib = normalize(images, *NORM)
-    q = quantize(model, calib, QuantConfig.ours(4)).model
+    q = quantize(model, calib, QuantConfig.ours_fast(4)).model
     start = {n: (m.running_mean.double().clone(), m.running_var.double().clone())
              for n, m in q.named_modules() if isinstance(m, nn.BatchNorm2d)}
     store, handles = _record_bn_inputs(q)
@@ -160,12 +162,43 @@ def test_the_presets_and_the_cli_know_the_authors_method():
     assert (c.bn_recalibration, c.bn_momentum, c.act_clamp_mode, c.alpha, c.clamp_to) == (
         200, 0.1, "batch_max", 0.9997, "range")
     assert not c.quantize_first_last
-    assert QuantConfig.paper(4).bn_recalibration == 0 and QuantConfig.ours(4).weight_grid == "shared"
+    assert QuantConfig.paper(4).bn_recalibration == 0 and QuantConfig.ours_fast(4).weight_grid == "shared"
     assert QuantConfig.qssf("best", 4, bn_recalibration=3).bn_recalibration == 3
     from adderquant.cli import _quantize_run, build_parser
 
     args = build_parser().parse_args(["quantize", "--method", "authors", "--bn-recalibration", "7"])
     assert _quantize_run(args).quant.bn_recalibration == 7
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+SWITCHES = {"paper-unsigned": {}, "+bn-mean": {"bn_correction": "mean"}, "+bn-mean-var": {"bn_correction": "mean_var"},
+            "+search": {"range_search": True}, "+search+bn-mean": {"range_search": True, "bn_correction": "mean"},
+            "+search+bn-mean-var": {"range_search": True, "bn_correction": "mean_var"}}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_ours_presets_encode_the_committed_held_out_choices(bits):
+    """``ours-fast`` is the switch set ptq_select.json chose at this width; ``ours`` adds 200 learned-rounding
+    iterations exactly where ptq_select_rounding.json chose them — the presets cannot drift from the
+    measurement that justifies them."""
+    fast_pick = json.loads((RESULTS / "ptq_select.json").read_text())["chosen"][str(bits)]
+    rounding_pick = json.loads((RESULTS / "ptq_select_rounding.json").read_text())["chosen"][str(bits)]
+    base = QuantConfig(bits=bits, unsigned_activations=True)
+    fast = QuantConfig.ours_fast(bits)
+    assert fast == base.with_(method="ours-fast", **SWITCHES[fast_pick]) and fast.learned_rounding == 0
+    chosen = 200 if rounding_pick == "ours-fast+rounding" else 0
+    assert QuantConfig.ours(bits) == fast.with_(method="ours", learned_rounding=chosen)
+    assert preset("ours", bits) == QuantConfig.ours(bits) and preset("ours-fast", bits) == fast
+
+
+def test_the_fast_path_is_the_default_everywhere():
+    from adderquant.cli import _quantize_run, build_parser
+    from adderquant.workflows import PTQRun
+
+    assert _quantize_run(build_parser().parse_args(["quantize"])).quant == QuantConfig.ours_fast(4) == PTQRun().quant
+    assert _quantize_run(build_parser().parse_args(["quantize", "--method", "ours", "--bits", "3"])).quant == (
+        QuantConfig.ours(3))
+    assert QuantConfig.ours(16).learned_rounding == QuantConfig.ours(8).learned_rounding  # wider: the 8-bit choice
 
 
 def test_cli_refuses_negative_bn_recalibration_before_any_work(capsys, tmp_path, monkeypatch):
@@ -358,7 +391,7 @@ def test_bn_correction_moves_each_batchnorm_by_the_quantization_shift(images, mo
 
 def test_bn_correction_keeps_the_model_exportable(images):
     fp = _tiny(images)
-    q = quantize(fp, normalize(images, *NORM), QuantConfig.ours(4, quantize_first_last=True)).model
+    q = quantize(fp, normalize(images, *NORM), QuantConfig.ours_fast(4, quantize_first_last=True)).model
     _check_model(q, images[:2], numpy_images=1)
 
 

@@ -58,6 +58,26 @@ def test_latent_gradients_equal_the_adder_rules_in_float64():
     torch.testing.assert_close(x.grad, ref_gx)
 
 
+def test_latent_weights_keep_the_codes_learned_rounding_chose():
+    """QAT of a model with learned rounding starts from that model: the latent weights round to the learned
+    codes, not back to nearest rounding of the float weights."""
+    model, ds = _net(), _data()
+    config = QuantConfig.ours_fast(4, learned_rounding=40)
+    result = quantize(model, _calib(ds), config)
+    nearest = quantize(model, _calib(ds), config.with_(learned_rounding=0)).model
+    q = result.model.eval()
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, QuantAdderConv2d)}
+    codes = {n: m.int_weight().clone() for n, m in layers.items()}
+    moved = sum(int((c != nearest.get_submodule(n).int_weight()).sum()) for n, c in codes.items())
+    assert moved == sum(v["changed"] for v in result.rounding.values() if v["kept"]) > 0
+    x = _calib(ds)[:16]
+    with torch.no_grad():
+        ref = q(x)
+        unfold_weights(q, model)
+        assert all(torch.equal(m.int_weight(), codes[n]) for n, m in layers.items())
+        assert torch.equal(q(x), ref)
+
+
 @pytest.mark.parametrize("method", ["paper", "ours", "authors"])
 def test_unfold_keeps_the_function_and_fold_restores_the_layer(method):
     model, ds = _net(), _data()
@@ -85,7 +105,7 @@ def test_latent_weights_keep_the_input_gradient_of_the_float_layer():
     torch.manual_seed(1)
     layer = AdderConv2d(8, 8, 3, padding=1).eval()
     x = torch.rand(4, 8, 6, 6)
-    q = quantize(torch.nn.Sequential(layer), x, QuantConfig.ours(4, bn_correction=None, range_search=False)).model
+    q = quantize(torch.nn.Sequential(layer), x, QuantConfig.ours_fast(4, bn_correction=None, range_search=False)).model
     qa = q[0]
     xin = x.clone().requires_grad_()
     layer.train()
@@ -125,7 +145,7 @@ def test_learned_ranges_get_the_lsq_gradient_and_fold_exactly():
     with torch.no_grad():
         layer.weight.mul_(20)  # weights beyond the activation range, as in trained AdderNets
     x = torch.rand(3, 6, 5, 5) * 2
-    q = quantize(torch.nn.Sequential(layer), x, QuantConfig.ours(4, bn_correction=None, range_search=False)).model
+    q = quantize(torch.nn.Sequential(layer), x, QuantConfig.ours_fast(4, bn_correction=None, range_search=False)).model
     unfold_weights(q, torch.nn.Sequential(layer))
     qa = q[0].double()
     qa.learn_ranges()
@@ -188,7 +208,7 @@ def _warm(model, ds):
 def _qat_run(tmp_path, epochs, resume=False, **kw):
     ds = _data()
     model = _warm(_net(), ds)
-    q = quantize(model, _calib(ds), QuantConfig.ours(4)).model
+    q = quantize(model, _calib(ds), QuantConfig.ours_fast(4)).model
     cfg = QATConfig(epochs=epochs, lr=0.02, batch_size=16, distill=0.5, schedule="step", holdout=16,
                     checkpoint=str(tmp_path / "qat.pt"), resume=resume, log_path=str(tmp_path / "log.jsonl"),
                     eval_limit=40, **kw)
@@ -237,7 +257,7 @@ def test_per_step_schedule_ends_near_zero_and_holdout_is_disjoint():
     keep, _ = holdout_split(100, 20, 0)
     assert len(set(keep.tolist()) & set(held.tolist())) == 0 and len(held) == 20
     model, ds = _net(), _data()
-    q = quantize(model, _calib(ds), QuantConfig.ours(4)).model
+    q = quantize(model, _calib(ds), QuantConfig.ours_fast(4)).model
     log = qat(q, ds, NORM, QATConfig(epochs=2, lr=0.01, batch_size=16, schedule="step", eval_limit=0),
               float_model=model)
     assert log[-1]["lr"] < 0.01 * 0.01 and "test_top1" not in log[-1]
@@ -249,7 +269,7 @@ def test_qat_config_refuses_bad_recipes():
         with pytest.raises(ValueError, match=msg):
             QATConfig(**kw)
     model, ds = _net(), _data()
-    q = quantize(model, _calib(ds), QuantConfig.ours(4)).model
+    q = quantize(model, _calib(ds), QuantConfig.ours_fast(4)).model
     with pytest.raises(ValueError, match="float model"):
         qat(q, ds, NORM, QATConfig(epochs=1))
 
@@ -260,7 +280,7 @@ def test_a_qat_model_exports_and_runs_bit_exact_in_integers():
     from adderquant.integer.float64 import float64_reference
 
     model, ds = _net(), _data()
-    q = quantize(model, _calib(ds), QuantConfig.ours(4, quantize_first_last=True)).model
+    q = quantize(model, _calib(ds), QuantConfig.ours_fast(4, quantize_first_last=True)).model
     qat(q, ds, NORM, QATConfig(epochs=1, lr=0.05, batch_size=16, eval_limit=0), float_model=model)
     assert not any(m.latent for m in q.modules() if isinstance(m, QuantAdderConv2d))
     x = ds.x_test[:8]
@@ -280,7 +300,7 @@ def test_a_fresh_run_never_overwrites_an_earlier_one(tmp_path, capsys, monkeypat
     log = tmp_path / "log.jsonl"
     log.write_text('{"epoch": 1}\n')
     model, ds = _net(), _data()
-    q = quantize(model, _calib(ds), QuantConfig.ours(4)).model
+    q = quantize(model, _calib(ds), QuantConfig.ours_fast(4)).model
     with pytest.raises(FileExistsError, match="--qat-resume"):
         qat(q, ds, NORM, QATConfig(epochs=1, log_path=str(log)), float_model=model)
     monkeypatch.setattr("adderquant.cli._data", lambda args: pytest.fail("data was loaded before the check"))

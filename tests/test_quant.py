@@ -280,7 +280,7 @@ def test_unsigned_grid_applies_only_to_nonnegative_layers():
     model = _tiny_adder_net()
     model[2] = AdderConv2d(3, 8, 3, padding=1)  # fed by the raw (signed) input
     model = torch.nn.Sequential(*list(model.children())[2:]).eval()
-    q = quantize(model, torch.randn(16, 3, 8, 8), QuantConfig.ours(4)).model
+    q = quantize(model, torch.randn(16, 3, 8, 8), QuantConfig.ours_fast(4)).model
     layers = [m for m in q.modules() if isinstance(m, QuantAdderConv2d)]
     assert [m.signed for m in layers] == [True, False]
     assert layers[1].int_bounds() == (0, 15)

@@ -21,7 +21,7 @@ class PTQRun:
     """What a PTQ run does besides the quantizer's own switches: which calibration images, how much
     of the test split, optional QAT, where."""
 
-    quant: QuantConfig = field(default_factory=QuantConfig.ours)
+    quant: QuantConfig = field(default_factory=QuantConfig.ours_fast)  # the fast path
     calib_size: int = 1024
     seed: int = 0  # chooses the calibration images
     limit: int | None = None  # evaluate the first N test images only

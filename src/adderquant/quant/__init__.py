@@ -17,13 +17,15 @@ def quantize(model: nn.Module, calib, config: QuantConfig | APoTConfig | None = 
     """Quantized copy of ``model`` calibrated on ``calib`` (normalised images: a tensor, or an iterable
     of tensors / ``(x, y)`` batches such as a ``DataLoader``); ``model`` itself is left untouched.
 
-    ``config`` defaults to the best preset at 4 bits (``QuantConfig.ours(4)``); ``QuantConfig.paper(b)``,
+    ``config`` defaults to the fast path at 4 bits (``QuantConfig.ours_fast(4)``: seconds);
+    ``QuantConfig.ours(b)`` adds learned rounding where it was chosen (the best measured, slower);
+    ``QuantConfig.paper(b)``,
     ``QuantConfig.authors(b)``, ``QuantConfig.qssf("best", b)`` (scored on ``labels`` when given) and
     ``APoTConfig(b)`` select the others. Returns a :class:`QuantResult`: ``.model`` is the quantized network.
     An iterable is read once, streaming, in bounded memory; the steps that need the images as one
     tensor use its first ``tensor_images`` (:func:`adderquant.quant.ptq.quantize_adder`).
     """
-    config = QuantConfig.ours(4) if config is None else config
+    config = QuantConfig.ours_fast(4) if config is None else config
     if isinstance(config, APoTConfig):
         from .apot_layers import apot_quantize
 

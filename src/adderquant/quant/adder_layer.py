@@ -169,7 +169,9 @@ class QuantAdderConv2d(nn.Module):
 
     def unfold(self, latent: torch.Tensor) -> None:
         """Hold the unclamped full-precision weights ``latent`` (QAT): same forward function, the AdderNet
-        backward on the latent weights. Needs the clamp interval the quantizer recorded."""
+        backward on the latent weights. Where a stored code is not the nearest rounding of the clamped
+        latent weight (learned rounding chose it), the latent weight is the stored one, so the codes and
+        the fold stay as they were. Needs the clamp interval the quantizer recorded."""
         if self.grid != "uniform":
             raise NotImplementedError("latent weights are implemented for the uniform grid only")
         if tuple(latent.shape) != tuple(self.weight.shape):
@@ -178,9 +180,12 @@ class QuantAdderConv2d(nn.Module):
             inf = torch.full((self.out_channels, 1, 1, 1), float("inf"), dtype=torch.float64, device=latent.device)
             self.clamp_lo, self.clamp_hi = -inf, inf
         with torch.no_grad():
+            stored, codes = self.weight.detach().clone(), self.int_weight().detach()
             self.weight.copy_(latent)
-        self.clamp_bias.zero_()
-        self.latent = True
+            self.clamp_bias.zero_()
+            self.latent = True
+            moved = self.int_weight() != codes  # codes that are not nearest rounding: learned rounding's
+            self.weight[moved] = stored[moved]  # inside the interval (never a clamped weight): same function
 
     def fold(self) -> None:
         """Back to the clamped weights and a stored fold bias (what :func:`adderquant.integer.export` reads);

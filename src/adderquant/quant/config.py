@@ -147,13 +147,23 @@ class QuantConfig:
         return cls(bits=bits, method="paper-unsigned", **{"unsigned_activations": True, **overrides})
 
     @classmethod
+    def ours_fast(cls, bits: int = 4, **overrides) -> QuantConfig:
+        """The best preset without learned rounding — the fast path (one calibration pass, seconds):
+        the paper's method on the unsigned grid plus, per bit width, the beyond-paper switches
+        (BatchNorm correction, per-layer range search) that scored best on held-out training images,
+        never on the test set (``OURS_SWITCHES``; scripts/ptq_select.py, docs/results/ptq_select.md).
+        Widths above 8 bits take the 8-bit choice."""
+        return cls(bits=bits, method="ours-fast", **{"unsigned_activations": True, **_ours_switches(bits),
+                                                      **overrides})
+
+    @classmethod
     def ours(cls, bits: int = 4, **overrides) -> QuantConfig:
-        """The best preset measured: the paper's method on the unsigned grid plus, per bit width, the
-        beyond-paper switches (BatchNorm correction, per-layer range search) that scored best on held-out
-        training images — never on the test set (``OURS_SWITCHES``; scripts/ptq_select.py,
-        docs/results/ptq_select.md). Widths above 8 bits take the 8-bit choice."""
-        chosen = OURS_SWITCHES[min(max(bits, min(OURS_SWITCHES)), max(OURS_SWITCHES))]
-        return cls(bits=bits, method="ours", **{"unsigned_activations": True, **chosen, **overrides})
+        """The best preset measured: ``ours_fast`` plus learned rounding at the widths where the same
+        held-out rule chose it (``OURS_ROUNDING``; docs/results/ptq_select_rounding.md). Learned rounding
+        costs tens of seconds per ResNet-20 on a CPU, hence the separate fast preset."""
+        rounding = {"learned_rounding": OURS_ROUNDING.get(min(max(bits, 2), 8), 0)}
+        return cls(bits=bits, method="ours", **{"unsigned_activations": True, **_ours_switches(bits), **rounding,
+                                                **overrides})
 
     @classmethod
     def qssf(cls, source: str = "weights", bits: int = 4, **overrides) -> QuantConfig:
@@ -216,6 +226,14 @@ OURS_SWITCHES: dict[int, dict] = {
     2: {"range_search": True, "bn_correction": "mean_var"},
 }
 
+# Learned-rounding iterations per block that ``QuantConfig.ours`` adds to ``OURS_SWITCHES``: the widths
+# where ``ours-fast`` + learned rounding won the same held-out rule (docs/results/ptq_select_rounding.md).
+OURS_ROUNDING: dict[int, int] = {5: 200, 4: 200, 3: 200}
+
+
+def _ours_switches(bits: int) -> dict:
+    return OURS_SWITCHES[min(max(bits, min(OURS_SWITCHES)), max(OURS_SWITCHES))]
+
 
 def check_rounding_options(iters, batch_size, lr) -> None:
     """One ValueError for bad learned-rounding options (shared with :mod:`adderquant.quant.rounding`)."""
@@ -249,7 +267,7 @@ class APoTConfig:
             check_bits(self.first_last_bits, 2, 16, "first_last_bits")
 
 
-METHODS = ("paper", "ours", "authors", "paper-unsigned", "qssf", "qssf-w", "qssf-a")
+METHODS = ("paper", "ours", "ours-fast", "authors", "paper-unsigned", "qssf", "qssf-w", "qssf-a")
 
 
 def preset(method: str, bits: int, **overrides) -> QuantConfig:
@@ -263,6 +281,8 @@ def preset(method: str, bits: int, **overrides) -> QuantConfig:
         return QuantConfig.paper(bits, **overrides)
     if method == "ours":
         return QuantConfig.ours(bits, **overrides)
+    if method == "ours-fast":
+        return QuantConfig.ours_fast(bits, **overrides)
     if method == "paper-unsigned":
         return QuantConfig.paper_unsigned(bits, **overrides)
     if method == "authors":

@@ -22,11 +22,13 @@ after a warm-up of 20 % of the iterations, β annealed linearly from 20 to 2 ove
 Activations stay quantized on their calibrated grids (straight-through rounding); gradients follow
 the AdderNet backward (``adder_conv2d`` with η off).
 
-At the end each code is hard, ``floor(t) + [V ≥ 0]``, and the weight is set to exactly ``code·step``,
-so the layer's own ``round`` (and the integer converter) reproduces it. The block's error with those
+At the end each code is hard, ``floor(t) + [V ≥ 0]``, and a weight whose code changed is set to exactly
+``code·step``, so the layer's own ``round`` (and the integer converter) reproduces it. The block's error with those
 codes is compared with nearest rounding on all the calibration images; the learned codes are kept
 only when they are not worse (the report says which). The clamp bias is left as computed: the codes
-stay within ``[q_n, q_p]``, inside the clamp interval, so the fold stays exact.
+stay within ``[q_n, q_p]``, inside the clamp interval, and a weight the Theorem-1 clamp moved to an
+edge of the grid keeps its edge code (its excess is in the bias), so the fold stays exact and QAT's
+latent weights (:meth:`QuantAdderConv2d.unfold`) can hold every learned code.
 """
 
 from __future__ import annotations
@@ -86,25 +88,31 @@ class LayerRounding:
         self.base = base.to(w.dtype)
         self.v = nn.Parameter(inverse_rectified_sigmoid((t - base).clamp(0, 1)).to(w.dtype))
         self.nearest = layer.int_weight().detach().clone()
+        self.edge = (t <= self.qn) | (t >= self.qp)  # clamped weights (and any exactly on an edge) stay there
         self.weight = w.clone()
 
     def soft_codes(self) -> torch.Tensor:
-        return torch.clamp(self.base + rectified_sigmoid(self.v), self.qn, self.qp)
+        codes = torch.clamp(self.base + rectified_sigmoid(self.v), self.qn, self.qp)
+        return torch.where(self.edge, self.nearest, codes)
 
     @torch.no_grad()
     def hard_codes(self) -> torch.Tensor:
-        return torch.clamp(self.base + (self.v >= 0).to(self.base.dtype), self.qn, self.qp)
+        codes = torch.clamp(self.base + (self.v >= 0).to(self.base.dtype), self.qn, self.qp)
+        return torch.where(self.edge, self.nearest, codes)
 
     def regulariser(self, beta: float) -> torch.Tensor:
         return (1 - (2 * rectified_sigmoid(self.v) - 1).abs().pow(beta)).sum()
 
     @torch.no_grad()
     def set_codes(self, codes: torch.Tensor | None) -> None:
-        """Weights ``code·step`` (``None``: the original weights, i.e. nearest rounding)."""
+        """Weights ``code·step`` where the code is not the nearest one, the original weights elsewhere
+        (``None``: the original weights everywhere, i.e. nearest rounding)."""
+        self.layer.weight.copy_(self.weight)
         if codes is None:
-            self.layer.weight.copy_(self.weight)
             return
-        self.layer.weight.copy_((codes.to(self.step.dtype) * self.step).to(self.layer.weight.dtype))
+        moved = codes != self.nearest
+        on_grid = (codes.to(self.step.dtype) * self.step).to(self.layer.weight.dtype)
+        self.layer.weight[moved] = on_grid[moved]
         if not torch.equal(self.layer.int_weight(), codes.to(self.layer.weight.dtype)):
             raise RuntimeError("learned rounding: code·step does not round back to the code")
 
