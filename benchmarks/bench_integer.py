@@ -216,7 +216,8 @@ def _run(args, isa) -> dict:
         print(f"layer (batch {args.layer_batch}) | adder ms | torch.ao ms | torch.ao / adder")
         for r in layers:
             print(f"{r['layer']} {r['shape']} | {r['adder_ms']:.3f} | {r['torch_ao_ms']:.3f} | {r['speed_ratio']:.2f}")
-    return {"source": source, "method": args.method, "bits": 4, "threads": args.threads, "repeat": args.repeat,
+    return {"source": source, "method": args.method, "learned_rounding": config.learned_rounding, "bits": 4,
+            "threads": args.threads, "repeat": args.repeat,
             "isa": isa, "isa_max": cpu.isa_max(), "backends": kernels.available_backends(),
             "torch_isa_env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
                               if k in os.environ},
