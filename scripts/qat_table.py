@@ -34,7 +34,8 @@ BEST_COMMAND = ("adderquant quantize --data ../shared/data/cifar10 --method ours
                 "--qat-holdout 5000 --qat-checkpoint qat_{b}_rounding.pt "
                 "--qat-log docs/results/qat_ours_rounding_{b}bit.jsonl --export qat_ours_rounding_{b}bit.aqz "
                 "--save docs/results/qat_runs_rounding.jsonl")
-BEST_NOTE = "4 and 3 bits at the same time, one thread each (`OMP_NUM_THREADS=1`):"
+BEST_NOTE = ("4 and 3 bits at the same time, one thread each (`OMP_NUM_THREADS=1`), sharing the CPU with a run of the "
+             "test suite for about 37 of their 73 minutes:")
 
 
 CAP_COMMAND = ("adderquant quantize --data ../shared/data/cifar10 --bits {b} --qat-epochs 10 --qat-holdout 5000 "
