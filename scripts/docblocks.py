@@ -1,5 +1,6 @@
-"""What the scripts that generate README tables share: a block between two markers, and writing only
-the files that changed (or, for the test suite, naming the stale ones)."""
+"""What the scripts that generate README tables share: a block between two markers, writing only
+the files that changed (or, for the test suite, naming the stale ones), and the preset a result
+record ran."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ def with_block(text: str, begin: str, end: str, block: str) -> str:
         raise SystemExit(f"README.md lacks the markers {begin} … {end}")
     head, rest = text.split(begin, 1)
     return head + begin + "\n" + block + "\n" + end + rest.split(end, 1)[1]
+
+
+def recorded_preset(method: str, learned_rounding) -> str:
+    """The preset a result record ran. Records from before the fast path got its own name say ``ours``
+    without learned rounding (or without the field at all): that preset is ``ours-fast``."""
+    return "ours-fast" if method == "ours" and not learned_rounding else method
 
 
 def sync(outputs: dict[Path, str], check: bool, rerun: str, report: bool = False) -> int:

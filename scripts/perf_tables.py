@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from docblocks import sync, with_block
+from docblocks import recorded_preset, sync, with_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -98,9 +98,7 @@ def integer_section(d: dict) -> str:
         load_txt += "; PyTorch limited by " + ", ".join(f"`{k}={v}`" for k, v in sorted(env.items()))
     lowered = d.get("isa") and d.get("isa_max") and d["isa"] != d["isa_max"]
     title = "Integer inference vs PyTorch's int8 CNN" + (f", {d['isa'].upper()} paths" if lowered or env else "")
-    method = d.get("method", "paper")
-    if method == "ours" and "learned_rounding" not in d:  # recorded before `ours` gained learned rounding
-        method = "ours-fast"
+    method = recorded_preset(d.get("method", "paper"), d.get("learned_rounding"))
     text = (f"**{title}** — ResNet-20 `{Path(d['source']).name}`, 4-bit "
             f"`{method}` PTQ with 8-bit first/last layers, against the same topology as a CNN "
             f"(random weights; fp32, and int8 by `torch.ao` FX with the x86 backend, calibrated on the same images); "

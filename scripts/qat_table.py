@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from docblocks import sync, with_block
+from docblocks import recorded_preset, sync, with_block
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -73,23 +73,21 @@ def _table(logs: dict[int, list[dict]], runs: dict[int, dict]) -> str:
                      + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _preset(record: dict) -> str:
-    """The preset a record ran: records from before the fast path got its own name say ``ours`` with no
-    learned rounding, which is ``ours-fast``."""
-    if record.get("method") == "ours" and not record.get("config", {}).get("learned_rounding"):
-        return "ours-fast"
-    return record.get("method")
-
-
 def _runs(path: Path, epochs: int | None = None, preset: str = "ours-fast") -> dict[int, dict]:
-    return {r["bits"]: r for r in _lines(path) if _preset(r) == preset
+    return {r["bits"]: r for r in _lines(path)
+            if recorded_preset(r.get("method"), r.get("config", {}).get("learned_rounding")) == preset
             and (epochs is None or r.get("qat_epochs") == epochs)}
+
+
+def _logs(name: str, widths) -> dict[int, list[dict]]:
+    """The per-epoch logs ``docs/results/<name>`` (``{b}`` = the width) that exist, by width."""
+    logs = {b: _lines(RESULTS / name.format(b=b)) for b in widths}
+    return {b: v for b, v in logs.items() if v}
 
 
 def render() -> str:
     runs = _runs(RESULTS / "qat_runs.jsonl")
-    logs = {b: _lines(RESULTS / f"qat_ours_{b}bit.jsonl") for b in (4, 3, 2)}
-    logs = {b: v for b, v in logs.items() if v}
+    logs = _logs("qat_ours_{b}bit.jsonl", (4, 3, 2))
     if not logs:
         return "No QAT run is committed yet; " + COMMAND.format(b=4) + " writes one."
     text = ("`ours-fast` (the default preset; called `ours` when these runs were made), official AdderNet "
@@ -103,14 +101,12 @@ def render() -> str:
         holdout.append(f"{b}-bit " + " → ".join(f"{e['holdout_top1']:.2f}" for e in log if "holdout_top1" in e))
     if holdout:
         text += "\n\nHeld-out training images (5,000) after each epoch: " + "; ".join(holdout) + "."
-    cap_logs = {b: _lines(RESULTS / f"qat_ours_{b}bit_cap.jsonl") for b in (4, 3)}
-    cap_logs = {b: v for b, v in cap_logs.items() if v}
+    cap_logs = _logs("qat_ours_{b}bit_cap.jsonl", (4, 3))
     if cap_logs:
         text += ("\n\nThe same runs with the gradient cap (`--qat-clip-grad-norm 1.0`; not needed with latent "
                  "weights, the issue asks for both), " + CAP_NOTE + "\n\n"
                  + _table(cap_logs, _runs(RESULTS / "qat_runs_cap.jsonl", epochs=10)))
-    best_logs = {b: _lines(RESULTS / f"qat_ours_rounding_{b}bit.jsonl") for b in (4, 3)}
-    best_logs = {b: v for b, v in best_logs.items() if v}
+    best_logs = _logs("qat_ours_rounding_{b}bit.jsonl", (4, 3))
     if best_logs:
         text += ("\n\nThe same recipe from `ours`, the best PTQ preset (`ours-fast` plus learned rounding at 5, 4 "
                  "and 3 bits; QAT's latent weights keep the learned codes), " + BEST_NOTE + "\n\n"

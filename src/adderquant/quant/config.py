@@ -153,17 +153,16 @@ class QuantConfig:
         (BatchNorm correction, per-layer range search) that scored best on held-out training images,
         never on the test set (``OURS_SWITCHES``; scripts/ptq_select.py, docs/results/ptq_select.md).
         Widths above 8 bits take the 8-bit choice."""
-        return cls(bits=bits, method="ours-fast", **{"unsigned_activations": True, **_ours_switches(bits),
-                                                      **overrides})
+        return cls(bits=bits, method="ours-fast", **{"unsigned_activations": True,
+                                                      **OURS_SWITCHES[_ours_width(bits)], **overrides})
 
     @classmethod
     def ours(cls, bits: int = 4, **overrides) -> QuantConfig:
         """The best preset measured: ``ours_fast`` plus learned rounding at the widths where the same
         held-out rule chose it (``OURS_ROUNDING``; docs/results/ptq_select_rounding.md). Learned rounding
         costs tens of seconds per ResNet-20 on a CPU, hence the separate fast preset."""
-        rounding = {"learned_rounding": OURS_ROUNDING.get(min(max(bits, 2), 8), 0)}
-        return cls(bits=bits, method="ours", **{"unsigned_activations": True, **_ours_switches(bits), **rounding,
-                                                **overrides})
+        rounding = {"learned_rounding": OURS_ROUNDING.get(_ours_width(bits), 0)}
+        return cls.ours_fast(bits, **{**rounding, **overrides}).with_(method="ours")
 
     @classmethod
     def qssf(cls, source: str = "weights", bits: int = 4, **overrides) -> QuantConfig:
@@ -231,8 +230,9 @@ OURS_SWITCHES: dict[int, dict] = {
 OURS_ROUNDING: dict[int, int] = {5: 200, 4: 200, 3: 200}
 
 
-def _ours_switches(bits: int) -> dict:
-    return OURS_SWITCHES[min(max(bits, min(OURS_SWITCHES)), max(OURS_SWITCHES))]
+def _ours_width(bits: int) -> int:
+    """The measured width whose choice ``bits`` takes (wider than 8 bits: the 8-bit one)."""
+    return min(max(bits, min(OURS_SWITCHES)), max(OURS_SWITCHES))
 
 
 def check_rounding_options(iters, batch_size, lr) -> None:
