@@ -132,6 +132,8 @@ def test_quantize_export_needs_no_other_flag(official_addernet, cifar_subset, ca
     (["--qat-epochs", "1", "--qat-lr", "nan"], "lr must be a finite number"),
     (["--qat-epochs", "1", "--qat-range-lr", "-1"], "range_lr must be a finite number ≥ 0"),
     (["--qat-epochs", "1", "--qat-range-lr", "1", "--qat-literal"], "learnable ranges .* need latent weights"),
+    (["--qat-epochs", "1", "--qat-keep-best"], "keep_best .* needs holdout"),
+    (["--qat-keep-best"], "need --qat-epochs"),
 ])
 def test_quantize_refuses_bad_flags_before_any_work(extra, message, capsys, tmp_path, monkeypatch):
     """These fail while building the configs: no checkpoint or data set is even read."""

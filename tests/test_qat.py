@@ -216,9 +216,9 @@ def _qat_run(tmp_path, epochs, resume=False, **kw):
     return q, log
 
 
-@pytest.mark.parametrize("range_lr", [0.0, 20.0])
-def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, range_lr):
-    full, full_log = _qat_run(tmp_path / "a", 3, range_lr=range_lr)
+@pytest.mark.parametrize(("range_lr", "keep_best"), [(0.0, False), (20.0, False), (0.0, True)])
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, range_lr, keep_best):
+    full, full_log = _qat_run(tmp_path / "a", 3, range_lr=range_lr, keep_best=keep_best)
     import importlib
 
     qat_module = importlib.import_module("adderquant.quant.qat")
@@ -233,12 +233,12 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, range_lr):
 
     monkeypatch.setattr(qat_module, "sgd_epoch", killed_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        _qat_run(tmp_path / "b", 3, range_lr=range_lr)
+        _qat_run(tmp_path / "b", 3, range_lr=range_lr, keep_best=keep_best)
     monkeypatch.setattr(qat_module, "sgd_epoch", real)
     assert torch.load(tmp_path / "b" / "qat.pt", weights_only=True)["epoch"] == 2
     with pytest.raises(ValueError, match="different QAT configuration"):
-        _qat_run(tmp_path / "b", 4, resume=True, range_lr=range_lr)  # other options than the run that wrote it
-    resumed, log = _qat_run(tmp_path / "b", 3, resume=True, range_lr=range_lr)
+        _qat_run(tmp_path / "b", 4, resume=True, range_lr=range_lr, keep_best=keep_best)  # other options
+    resumed, log = _qat_run(tmp_path / "b", 3, resume=True, range_lr=range_lr, keep_best=keep_best)
     if range_lr:
         lo, hi = full_log[-1]["range_ratio"]
         assert lo < 0.999 or hi > 1.001  # the ranges did move
@@ -250,6 +250,45 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, range_lr):
     assert untimed(log) == untimed(full_log)
     lines = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in lines] == [1, 2, 3] and "holdout_top1" in lines[0]
+
+
+def _holdout_score(model, ds, holdout=16):
+    from adderquant.evaluate import evaluate
+
+    _, held = holdout_split(len(ds.y_train), holdout, 0)
+    r = evaluate(model, ds.x_train[held], ds.y_train[held], NORM)
+    return r.top1, r.loss
+
+
+# kept: an earlier epoch; the start (lr too high); the start again, though epoch 3 has a higher top-1 (NaN loss)
+@pytest.mark.parametrize(("lr", "kept"), [(0.5, 1), (5.0, 0), (500.0, 0)])
+def test_keep_best_returns_the_best_held_out_state_the_start_included(lr, kept):
+    """The returned model scores, on the held-out images, the best of the start and every epoch (top-1,
+    then loss); when that is the start, it is the quantized model QAT was given, bit for bit."""
+    import copy
+
+    ds = _data()
+    model = _warm(_net(), ds)
+    q = quantize(model, _calib(ds), QuantConfig.ours_fast(4)).model
+    given = copy.deepcopy(q)
+    cfg = QATConfig(epochs=3, lr=lr, batch_size=16, distill=0.5, holdout=16, keep_best=True, eval_limit=0)
+    log = qat(q, ds, NORM, cfg, float_model=model)
+    scored = [(0, log[0]["start_holdout_top1"], log[0]["start_holdout_loss"])] + \
+             [(e["epoch"], e["holdout_top1"], e["holdout_loss"]) for e in log]
+    finite = [t for t in scored if t[2] == t[2]]  # a NaN loss (diverged) never wins
+    best = max(finite, key=lambda t: (t[1], -t[2]))  # max keeps the first of equals: the earlier state
+    assert log[-1]["best_epoch"] == best[0] == kept
+    top1, loss = _holdout_score(q, ds)
+    assert top1 == pytest.approx(best[1]) and loss == pytest.approx(best[2], rel=1e-4, abs=1e-6)
+    if best[0] == 0:
+        for (k, a), b in zip(given.state_dict().items(), q.state_dict().values(), strict=True):
+            assert torch.equal(a, b), k
+    assert _holdout_score(q, ds)[0] >= log[0]["start_holdout_top1"]
+
+
+def test_keep_best_without_held_out_images_is_refused():
+    with pytest.raises(ValueError, match="keep_best .* needs holdout"):
+        QATConfig(epochs=1, keep_best=True)
 
 
 def test_per_step_schedule_ends_near_zero_and_holdout_is_disjoint():

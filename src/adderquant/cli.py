@@ -268,6 +268,8 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
                    help="learn the shared ranges (LSQ) at this learning rate (default: the recipe's)")
     p.add_argument("--qat-holdout", type=int, default=None, metavar="N",
                    help="hold N training images out of QAT and score them after every epoch")
+    p.add_argument("--qat-keep-best", action="store_true",
+                   help="return the state (the PTQ start included) that scored best on the --qat-holdout images")
     p.add_argument("--qat-checkpoint", default=None, metavar="FILE",
                    help="write the QAT state to FILE after every epoch (atomic)")
     p.add_argument("--qat-resume", action="store_true", help="continue QAT from --qat-checkpoint")
@@ -312,10 +314,11 @@ def _quantize_run(args):
                   if v is not None}
         qat = QATConfig(epochs=args.qat_epochs, lr=args.qat_lr, limit_train=args.qat_limit_train,
                         eval_limit=args.limit, clip_grad_norm=args.qat_clip_grad_norm, latent=not args.qat_literal,
-                        checkpoint=args.qat_checkpoint, resume=args.qat_resume, log_path=args.qat_log, **recipe)
+                        checkpoint=args.qat_checkpoint, resume=args.qat_resume, log_path=args.qat_log,
+                        keep_best=args.qat_keep_best, **recipe)
         check_qat_files(qat)
-    elif args.qat_resume or args.qat_checkpoint:
-        raise ValueError("--qat-checkpoint/--qat-resume need --qat-epochs")
+    elif args.qat_resume or args.qat_checkpoint or args.qat_keep_best:
+        raise ValueError("--qat-checkpoint/--qat-resume/--qat-keep-best need --qat-epochs")
     for path in (args.export, args.save, args.qat_checkpoint, args.qat_log):
         _check_writable(path)
     return PTQRun(quant=config, calib_size=args.calib_size, seed=args.seed, limit=args.limit, qat=qat,

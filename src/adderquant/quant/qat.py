@@ -20,6 +20,9 @@ What this module adds, each a :class:`QATConfig` field:
 - ``bn_reestimate``: exact BatchNorm statistics re-estimated on that many training batches at the end.
 - ``holdout``: training images kept out of QAT and scored after every epoch (the validation score
   that chooses recipes; the test split only reports).
+- ``keep_best``: hand back the state, the quantized starting point included, with the best held-out
+  score (top-1, ties: lower loss, then the earlier state; a non-finite loss never wins), so
+  fine-tuning never returns a model that is worse on held-out images than the one it was given.
 - ``checkpoint``: the whole state written atomically after every epoch; ``resume`` continues from it
   to the same result as an uninterrupted run.
 """
@@ -63,6 +66,7 @@ class QATConfig:
     range_lr: float = 0.0  # learning rate of the shared ranges (LSQ; 0: frozen as calibrated, the paper's)
     bn_reestimate: int = 0  # batches of training images for exact BN statistics at the end (0: off)
     holdout: int = 0  # training images held out of QAT and scored after every epoch
+    keep_best: bool = False  # return the best held-out state, the PTQ start included (needs holdout)
     checkpoint: str | None = None  # file for the state after every epoch (atomic)
     resume: bool = False  # continue from ``checkpoint``
 
@@ -90,6 +94,8 @@ class QATConfig:
             problems.append("learnable ranges (range_lr > 0) need latent weights: the fold follows the range")
         if self.bn_reestimate < 0 or self.holdout < 0:
             problems.append("bn_reestimate and holdout must be ≥ 0")
+        if self.keep_best and not self.holdout:
+            problems.append("keep_best chooses on held-out images: it needs holdout > 0")
         if self.resume and not self.checkpoint:
             problems.append("resume needs a checkpoint path")
         if problems:
@@ -193,7 +199,7 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
     opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     per_epoch = math.ceil(len(y) / config.batch_size)
     sched = cosine_schedule(opt, config.epochs * (per_epoch if config.schedule == "step" else 1))
-    log, steps, start_epoch = [], 0, 0
+    log, steps, start_epoch, best = [], 0, 0, None
     if config.resume and Path(config.checkpoint).exists():
         state = torch.load(config.checkpoint, map_location=device, weights_only=True)
         if state["config"] != _resumable(config):
@@ -203,6 +209,11 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         log, steps, start_epoch = state["log"], state["steps"], state["epoch"]
+        best = state.get("best")
+    start = None
+    if config.keep_best and best is None:
+        r = evaluate(qmodel, x_val, y_val, normalization, device=device, progress=progress)
+        best = start = _snapshot(qmodel, 0, r.top1, r.loss)
     loss_fn = None
     if teacher is not None:
         def loss_fn(logits, labels, teacher_logits):
@@ -229,6 +240,13 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
             _reestimate(qmodel, x, config, normalization, device)
             entry["bn_reestimated"] = config.bn_reestimate
         entry.update(_scores(qmodel, dataset, normalization, x_val, y_val, config, device, progress))
+        if config.keep_best:
+            if start is not None and epoch == 0:
+                entry.update(start_holdout_top1=start["top1"], start_holdout_loss=start["loss"])
+            better = (entry["holdout_top1"], -entry["holdout_loss"]) > (best["top1"], -best["loss"])
+            if better and math.isfinite(entry["holdout_loss"]):  # a diverged state never wins
+                best = _snapshot(qmodel, epoch + 1, entry["holdout_top1"], entry["holdout_loss"])
+            entry["best_epoch"] = best["epoch"]
         log.append(entry)
         if config.log_path:
             Path(config.log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -237,13 +255,22 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
         if config.checkpoint:
             _save_state(config.checkpoint, {"epoch": epoch + 1, "steps": steps, "log": log,
                                             "model": qmodel.state_dict(), "optimizer": opt.state_dict(),
-                                            "scheduler": sched.state_dict(), "config": _resumable(config)})
+                                            "scheduler": sched.state_dict(), "config": _resumable(config),
+                                            "best": best})
         if last:
             break
+    if best is not None and log and best["epoch"] != log[-1]["epoch"]:
+        qmodel.load_state_dict(best["model"])
     if config.latent:
         fold_weights(qmodel)
     qmodel.eval()
     return log
+
+
+def _snapshot(qmodel: nn.Module, epoch: int, top1: float, loss: float) -> dict:
+    """What ``keep_best`` holds (and the checkpoint stores): a copy of the state and its held-out score."""
+    return {"epoch": epoch, "top1": top1, "loss": loss,
+            "model": {k: v.detach().clone() for k, v in qmodel.state_dict().items()}}
 
 
 def check_qat_files(config: QATConfig) -> None:
