@@ -74,7 +74,7 @@ def _table(logs: dict[int, list[dict]], runs: dict[int, dict]) -> str:
             ptq = f"{run['ptq_top1']:.2f}"
             low = f"{min(e['test_top1'] for e in log) - run['ptq_top1']:+.2f}"
         else:
-            final, goal, met, wall, ptq, low = "running", "–", "–", "–", "–", "–"
+            final, goal, met, wall, ptq, low = "unfinished", "–", "–", "–", "–", "–"
         rows.append([str(b), ptq] + tests + [low, final, goal, met, wall])
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                      + ["| " + " | ".join(r) + " |" for r in rows])
