@@ -210,10 +210,9 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
         sched.load_state_dict(state["scheduler"])
         log, steps, start_epoch = state["log"], state["steps"], state["epoch"]
         best = state.get("best")
-    start = None
     if config.keep_best and best is None:
         r = evaluate(qmodel, x_val, y_val, normalization, device=device, progress=progress)
-        best = start = _snapshot(qmodel, 0, r.top1, r.loss)
+        best = _snapshot(qmodel, 0, r.top1, r.loss)
     loss_fn = None
     if teacher is not None:
         def loss_fn(logits, labels, teacher_logits):
@@ -241,8 +240,8 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
             entry["bn_reestimated"] = config.bn_reestimate
         entry.update(_scores(qmodel, dataset, normalization, x_val, y_val, config, device, progress))
         if config.keep_best:
-            if start is not None and epoch == 0:
-                entry.update(start_holdout_top1=start["top1"], start_holdout_loss=start["loss"])
+            if epoch == 0:  # best is still the start: a checkpoint exists only after an epoch
+                entry.update(start_holdout_top1=best["top1"], start_holdout_loss=best["loss"])
             better = (entry["holdout_top1"], -entry["holdout_loss"]) > (best["top1"], -best["loss"])
             if better and math.isfinite(entry["holdout_loss"]):  # a diverged state never wins
                 best = _snapshot(qmodel, epoch + 1, entry["holdout_top1"], entry["holdout_loss"])
