@@ -1,22 +1,21 @@
 #!/usr/bin/env python
 """Which beyond-paper switches `ours` turns on, chosen on held-out TRAINING images — never the test set.
 
-For each calibration seed (1024 training images, ``calibration_indices(ds, 1024, seed)``) and bit
-width, every candidate switch set is quantized from one calibration pass and scored on 2000 training
-images that are in none of the calibration subsets (a fixed seeded draw). The score is top-1 on those
-images and, as a finer tie-breaker, their mean cross-entropy (the full-precision model is ~99.5 %
-right on training images, so top-1 alone moves in steps of a few images). The JSON records every
-score; the markdown names, per bit width, the candidate with the best mean top-1 over the seeds
-(ties: lower mean loss) — what ``QuantConfig.ours_fast`` encodes (``OURS_SWITCHES``).
+For each bit width, calibration seed (1024 training images, ``calibration_indices(ds, 1024, seed)``)
+and candidate switch set, the official ResNet-20 is quantized (one calibration pass per seed) and
+scored on 2000 training images that are in none of the calibration subsets (a fixed seeded draw).
+
+The rule: **the lowest mean KL divergence from the full-precision model's predictions** over the seeds,
+KL(p_fp ‖ p_q) averaged over the held-out images. Why not top-1: the float model was trained on these
+images and gets 99.3 % of them right, so top-1 moves in steps of a few images near a decision
+boundary, while PTQ's job is to keep the float model's function, which the KL measures on every
+image. Top-1, cross-entropy and the number of changed predictions are recorded too.
+
+Two stages per width: the fast candidates (`ours-fast` is the winner), then that winner plus learned
+rounding (200 iterations per block); `ours` is whichever of the two has the lower mean KL. The JSON is
+rewritten after every row and read back on start, so an interrupted run continues.
 
     python scripts/ptq_select.py --data ../shared/data/cifar10     # docs/results/ptq_select.{json,md}
-
-Learned rounding was built after that choice; ``--rounding`` adds ``ours-fast`` with it (200
-iterations per block, the preset's switches kept) as one more candidate, so the same rule says at which
-widths ``QuantConfig.ours`` adds it (``OURS_ROUNDING``)::
-
-    python scripts/ptq_select.py --data ../shared/data/cifar10 --rounding \
-        --out docs/results/ptq_select_rounding
 """
 
 from __future__ import annotations
@@ -36,36 +35,49 @@ ROOT = Path(__file__).resolve().parents[1]
 BITS = (8, 6, 5, 4, 3, 2)
 SEEDS = (0, 1, 2)
 HELD_OUT = 2000
+ROUNDING = 200  # learned-rounding iterations per block of the second stage
+RULE = "lowest mean KL(fp || quantized) on the held-out images over the seeds"
 
-
-def candidates(bits: int, rounding: bool = False) -> dict:
-    from adderquant.quant import QuantConfig
-
-    unsigned = {"unsigned_activations": True}
-    extra = {"ours-fast+rounding": QuantConfig.ours_fast(bits, learned_rounding=200)} if rounding else {}
-    return {
-        "paper-unsigned": QuantConfig.paper(bits, **unsigned),
-        "+bn-mean": QuantConfig.paper(bits, **unsigned, bn_correction="mean"),
-        "+bn-mean-var": QuantConfig.paper(bits, **unsigned, bn_correction="mean_var"),
-        "+search": QuantConfig.paper(bits, **unsigned, range_search=True),
-        "+search+bn-mean": QuantConfig.paper(bits, **unsigned, range_search=True, bn_correction="mean"),
-        "+search+bn-mean-var": QuantConfig.paper(bits, **unsigned, range_search=True, bn_correction="mean_var"),
-    } | extra
+# the switch sets on top of the unsigned grid (the paper's method otherwise); BN re-estimation takes 50
+# batches of 128 crops of the calibration images (padded with black, as the training pipeline's)
+FAST = {
+    "paper-unsigned": {},
+    "+bn-mean": {"bn_correction": "mean"},
+    "+bn-mean-var": {"bn_correction": "mean_var"},
+    "+bn-reestimate": {"bn_recalibration": 50},
+    "+search": {"range_search": True},
+    "+search+bn-mean": {"range_search": True, "bn_correction": "mean"},
+    "+search+bn-mean-var": {"range_search": True, "bn_correction": "mean_var"},
+    "+search+bn-reestimate": {"range_search": True, "bn_recalibration": 50},
+}
 
 
 @torch.no_grad()
-def score(model, x, y, norm) -> tuple[float, float]:
+def logits_of(model, x, norm) -> torch.Tensor:
     from adderquant.data import normalize
 
     model.eval()
-    logits = torch.cat([model(normalize(x[i:i + 500], *norm)) for i in range(0, len(x), 500)])
-    return 100.0 * float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
+    return torch.cat([model(normalize(x[i:i + 500], *norm)) for i in range(0, len(x), 500)])
+
+
+def score(logits: torch.Tensor, y: torch.Tensor, fp_logits: torch.Tensor) -> dict:
+    """Top-1 and cross-entropy against the labels, KL from the float model and changed predictions."""
+    kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(fp_logits, 1), log_target=True, reduction="batchmean")
+    return {"top1": 100.0 * float((logits.argmax(1) == y).float().mean()), "loss": float(F.cross_entropy(logits, y)),
+            "kl": float(kl), "changed": int((logits.argmax(1) != fp_logits.argmax(1)).sum())}
 
 
 def held_out_indices(n_train: int, calib_sets: list[torch.Tensor], n: int) -> torch.Tensor:
     taken = torch.cat(calib_sets)
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(2022))
     return order[~torch.isin(order, taken)][:n]
+
+
+def pick(rows: list[dict], bits: int, names) -> str:
+    """The candidate with the lowest mean held-out KL at ``bits`` (ties: the first named)."""
+    def mean_kl(name):
+        return statistics.mean(r["held_out_kl"] for r in rows if r["bits"] == bits and r["candidate"] == name)
+    return min(names, key=mean_kl)
 
 
 def main(argv=None) -> int:
@@ -78,74 +90,95 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=find_official_addernet())
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "ptq_select"))
     ap.add_argument("--bits", type=int, nargs="+", default=list(BITS))
-    ap.add_argument("--rounding", action="store_true", help="add ours-fast + learned rounding as a candidate")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     if args.checkpoint is None:
         ap.error("the official AdderNet ResNet-20 was not found: pass --checkpoint")
     torch.set_num_threads(args.threads)
+    json_path = Path(args.out + ".json")
+    old = json.loads(json_path.read_text()) if json_path.exists() else {}
+    rows = old.get("rows", []) if old.get("rule") == RULE else []
+    done = {(r["seed"], r["bits"], r["candidate"]) for r in rows}
     ck = load(args.checkpoint)
     ds = load_dataset(args.data)
     calib_idx = {s: calibration_indices(ds, 1024, s) for s in SEEDS}
     held = held_out_indices(len(ds.x_train), list(calib_idx.values()), HELD_OUT)
     xh, yh = ds.x_train[held], ds.y_train[held]
-    fp = score(ck.model, xh, yh, ck.normalization)
-    rows = []
-    for seed in SEEDS:
-        calib = normalize(ds.x_train[calib_idx[seed]], *ck.normalization)
-        obs = calibrate(ck.model, calib, QuantConfig.paper(4), min_alpha=0.99)
-        for bits in args.bits:
-            for name, config in candidates(bits, args.rounding).items():
-                t0 = time.perf_counter()
-                q = quantize_adder(ck.model, calib, config, observers=obs).model
-                top1, loss = score(q, xh, yh, ck.normalization)
-                rows.append({"seed": seed, "bits": bits, "candidate": name, "held_out_top1": top1,
-                             "held_out_loss": loss, "seconds": time.perf_counter() - t0})
-                print(json.dumps(rows[-1]), flush=True)
-    chosen = {}
-    for bits in args.bits:
-        agg = {}
-        for name in candidates(bits, args.rounding):
-            mine = [r for r in rows if r["bits"] == bits and r["candidate"] == name]
-            agg[name] = (statistics.mean(r["held_out_top1"] for r in mine), -statistics.mean(r["held_out_loss"]
-                                                                                            for r in mine))
-        chosen[bits] = max(agg, key=agg.get)
+    fp_logits = logits_of(ck.model, xh, ck.normalization)
+    calib = {s: normalize(ds.x_train[calib_idx[s]], *ck.normalization) for s in SEEDS}
+    observers = {}
     command = "python scripts/ptq_select.py --data " + args.data
     if list(args.bits) != list(BITS):
         command += " --bits " + " ".join(map(str, args.bits))
-    if args.rounding:
-        command += " --rounding --out " + args.out
-    out = {"command": command, "checkpoint": str(args.checkpoint),
+    out = {"command": command, "checkpoint": str(args.checkpoint), "rule": RULE,
            "held_out": f"{HELD_OUT} training images outside every calibration subset (seeds {list(SEEDS)})",
-           "fp_held_out_top1": fp[0], "fp_held_out_loss": fp[1], "rows": rows, "chosen": chosen,
-           "machine": platform.processor() or platform.machine(), "python": sys.version.split()[0]}
-    Path(args.out + ".json").write_text(json.dumps(out, indent=1))
+           "fp_held_out": score(fp_logits, yh, fp_logits), "rows": rows, "chosen_fast": {}, "chosen": {},
+           "machine": platform.processor() or platform.machine(), "python": sys.version.split()[0],
+           "torch": torch.__version__}
+
+    def measure(seed, bits, name, config):
+        if (seed, bits, name) in done:
+            return
+        if seed not in observers:
+            observers[seed] = calibrate(ck.model, calib[seed], QuantConfig.paper(4), min_alpha=0.99)
+        t0 = time.perf_counter()
+        q = quantize_adder(ck.model, calib[seed], config, observers=observers[seed]).model
+        seconds = time.perf_counter() - t0
+        scores = score(logits_of(q, xh, ck.normalization), yh, fp_logits)
+        rows.append({"seed": seed, "bits": bits, "candidate": name,
+                     **{f"held_out_{k}": v for k, v in scores.items()}, "seconds": seconds})
+        print(json.dumps(rows[-1]), flush=True)
+        json_path.write_text(json.dumps(out, indent=1))
+
+    for bits in args.bits:
+        base = QuantConfig.paper(bits, unsigned_activations=True)
+        for seed in SEEDS:
+            for name, switches in FAST.items():
+                measure(seed, bits, name, base.with_(**switches))
+        fast = out["chosen_fast"][bits] = pick(rows, bits, FAST)
+        rounded = f"{fast}+rounding"
+        for seed in SEEDS:
+            measure(seed, bits, rounded, base.with_(**FAST[fast], learned_rounding=ROUNDING))
+        out["chosen"][bits] = pick(rows, bits, [fast, rounded])
+    json_path.write_text(json.dumps(out, indent=1))
     Path(args.out + ".md").write_text(markdown(out))
-    print(f"wrote {args.out}.json and .md; chosen: {chosen}")
+    print(f"wrote {args.out}.json and .md; ours-fast: {out['chosen_fast']}; ours: {out['chosen']}")
     return 0
 
 
 def markdown(out: dict) -> str:
     rows = out["rows"]
     bits_list = sorted({r["bits"] for r in rows}, reverse=True)
-    names = list(dict.fromkeys(r["candidate"] for r in rows))
+    names = list(dict.fromkeys(r["candidate"] for r in rows if not r["candidate"].endswith("+rounding")))
+    chosen = {int(b): c for b, c in out["chosen"].items()}
+    fast = {int(b): c for b, c in out["chosen_fast"].items()}
+    fp = out["fp_held_out"]
+
+    def cell(b, name):
+        mine = [r for r in rows if r["bits"] == b and r["candidate"] == name]
+        if not mine:
+            return "–"
+        kl = [r["held_out_kl"] for r in mine]
+        text = (f"{statistics.mean(kl):.5f} ± {statistics.pstdev(kl):.5f} "
+                f"({statistics.mean(r['held_out_top1'] for r in mine):.2f} %; "
+                f"{statistics.mean(r['held_out_changed'] for r in mine):.0f} ch.)")
+        if name == chosen[b]:
+            return f"**{text}** (ours)"
+        return f"*{text}* (ours-fast)" if name == fast[b] else text
+
     lines = ["# Choosing `ours`: switch sets scored on held-out training images", "",
              f"`{out['command']}` — official AdderNet ResNet-20, 1024 calibration images per seed, scored on "
-             f"{out['held_out']}; full precision there: top-1 {out['fp_held_out_top1']:.2f} %, loss "
-             f"{out['fp_held_out_loss']:.4f}. The test set plays no part. Mean ± std over the seeds; "
-             "**bold** = chosen (best mean top-1, ties broken by lower mean loss).", "",
-             "| candidate | " + " | ".join(f"{b}-bit top-1 (loss)" for b in bits_list) + " |",
+             f"{out['held_out']}; the full-precision model gets {fp['top1']:.2f} % of them right "
+             f"(loss {fp['loss']:.4f}). The test set plays no part. Rule: {out['rule']}. Each cell: "
+             "mean ± std of the KL over the seeds (mean top-1; mean number of the 2000 predictions that differ "
+             "from the float model's). *Italic* = `ours-fast` (best fast candidate), **bold** = `ours` (the "
+             "better of it and it plus learned rounding).", "",
+             "| candidate | " + " | ".join(f"{b}-bit" for b in bits_list) + " |",
              "|---|" + "---|" * len(bits_list)]
     for name in names:
-        cells = []
-        for b in bits_list:
-            mine = [r for r in rows if r["bits"] == b and r["candidate"] == name]
-            t = [r["held_out_top1"] for r in mine]
-            loss = statistics.mean(r["held_out_loss"] for r in mine)
-            cell = f"{statistics.mean(t):.2f} ± {statistics.pstdev(t):.2f} ({loss:.4f})"
-            cells.append(f"**{cell}**" if out["chosen"][str(b) if isinstance(next(iter(out["chosen"])), str)
-                                                          else b] == name else cell)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(b, name) for b in bits_list) + " |")
+    lines.append("| `ours-fast` + learned rounding | "
+                 + " | ".join(cell(b, f"{fast[b]}+rounding") for b in bits_list) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,7 @@ from adderquant.data import (
     calibration_subset,
     load_dataset,
     normalize,
+    normalized_black,
     random_crop_flip,
 )
 from adderquant.data.augment import crop_flip, crop_flip_params
@@ -328,6 +329,20 @@ def test_crop_flip_pixels_by_hand():
     assert crop_flip(x, zero, zero, torch.tensor([True]), 0).flatten().tolist() == [3, 2, 1, 6, 5, 4, 9, 8, 7]
     # padded by 1, window at (0, 2): the top row is padding, then columns 2..3 of the image and padding
     assert crop_flip(x, zero, two, torch.tensor([False]), 1).flatten().tolist() == [0, 0, 0, 2, 3, 0, 5, 6, 0]
+
+
+def test_crop_of_normalised_images_padded_with_normalised_black_is_the_normalised_crop_of_the_raw_image():
+    """``fill`` per channel: BN re-estimation crops normalised images; padded with the normalised value of
+    black they equal what the training pipeline feeds (crop the raw uint8 image, then normalise)."""
+    x = torch.from_numpy(RNG.integers(0, 256, (16, 3, 8, 8), dtype=np.uint8))
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    black = normalized_black(mean, std)
+    assert torch.equal(black, normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8), mean, std).flatten())
+    params = crop_flip_params(len(x), 4, generator=torch.Generator().manual_seed(5))
+    raw_then_normalised = normalize(crop_flip(x, *params, 4), mean, std)
+    assert torch.equal(crop_flip(normalize(x, mean, std), *params, 4, fill=black), raw_then_normalised)
+    zero_padded = crop_flip(normalize(x, mean, std), *params, 4)  # the old padding: the mean colour
+    assert not torch.equal(zero_padded, raw_then_normalised)
 
 
 def test_no_padding_no_flip_is_identity():

@@ -70,7 +70,9 @@ def test_bn_reestimation_equals_the_statistics_of_all_its_batches(images):
     q = copy.deepcopy(base)
     modes = [m.training for m in q.modules()]
     store, handles = _record_bn_inputs(q)
-    assert reestimate_bn(q, calib, 5, momentum=None, batch_size=4) == 5
+    darkest = calib.amin((0, 2, 3))  # the config's default padding: black of the normalised images
+    assert torch.equal(darkest, normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8), *NORM).flatten())
+    assert reestimate_bn(q, calib, 5, momentum=None, batch_size=4, fill=darkest) == 5
     for h in handles:
         h.remove()
     assert [m.training for m in q.modules()] == modes  # every module's mode restored
@@ -84,13 +86,13 @@ def test_bn_reestimation_equals_the_statistics_of_all_its_batches(images):
             torch.testing.assert_close(m.running_mean.double(), mean, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(m.running_var.double(), var, rtol=1e-6, atol=1e-6)
             assert not torch.allclose(m.running_var, base.get_submodule(name).running_var)
-    # the batches: full, drawn from the calibration images, each a 4-pad crop (pad 0 = normalised mean)
-    # with a horizontal flip or not
+    # the batches: full, drawn from the calibration images, each a 4-pad crop (padded with black, as a
+    # crop of the raw image) with a horizontal flip or not
     crops = {}
     for dy, dx, f in itertools.product(range(9), range(9), (False, True)):
         n = len(calib)
         crops[(dy, dx, f)] = crop_flip(calib, torch.full((n,), dy), torch.full((n,), dx),
-                                       torch.full((n,), f), 4)
+                                       torch.full((n,), f), 4, fill=darkest)
     for xb in store["model"]:
         assert xb.shape == (4, 3, 32, 32)
         for img in xb:
@@ -143,6 +145,36 @@ def test_bad_bn_options_are_refused(kw):
                       momentum=kw.get("bn_momentum"), batch_size=kw.get("bn_batch_size", 2))
 
 
+def test_bn_pad_picks_what_the_crops_pad_with(images):
+    model = _tiny(images, seed=3)
+    calib = normalize(images, *NORM)
+    base = quantize(model, calib, QuantConfig.paper(4)).model
+    for pad, fill in (("zero", None), ((0.5, -1.0, 2.0), torch.tensor([0.5, -1.0, 2.0]))):
+        direct = copy.deepcopy(base)
+        reestimate_bn(direct, calib, 3, batch_size=4, fill=fill)
+        config = QuantConfig.paper(4, bn_recalibration=3, bn_batch_size=4, bn_pad=pad)
+        via_config = quantize(model, calib, config).model
+        darkest = quantize(model, calib, config.with_(bn_pad="darkest")).model
+        for name, m in via_config.named_modules():
+            if isinstance(m, nn.BatchNorm2d):
+                assert torch.equal(m.running_mean, direct.get_submodule(name).running_mean)
+        means = [m.running_mean for m in darkest.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert not all(torch.equal(a, m.running_mean) for a, m in
+                       zip(means, (m for m in via_config.modules() if isinstance(m, nn.BatchNorm2d)), strict=True))
+
+
+@pytest.mark.parametrize("pad", ["grey", (), (1.0, float("nan"), 0.0), (True, 0.0, 0.0), [0.0, 0.0, 0.0]])
+def test_bad_bn_pad_is_refused(pad):
+    with pytest.raises(ValueError, match="bn_pad"):
+        QuantConfig.paper(4, bn_pad=pad)
+
+
+def test_bn_pad_for_another_number_of_channels_is_refused_before_work(images):
+    model = _tiny(images)
+    with pytest.raises(ValueError, match="bn_pad has 2 values, the model takes 3 input channels"):
+        quantize(model, "not even images", QuantConfig.paper(4, bn_recalibration=2, bn_pad=(0.0, 0.0)))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_calibration_data_is_refused(images, bad):
     model = _tiny(images)
@@ -172,22 +204,25 @@ def test_the_presets_and_the_cli_know_the_authors_method():
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 SWITCHES = {"paper-unsigned": {}, "+bn-mean": {"bn_correction": "mean"}, "+bn-mean-var": {"bn_correction": "mean_var"},
+            "+bn-reestimate": {"bn_recalibration": 50},
             "+search": {"range_search": True}, "+search+bn-mean": {"range_search": True, "bn_correction": "mean"},
-            "+search+bn-mean-var": {"range_search": True, "bn_correction": "mean_var"}}
+            "+search+bn-mean-var": {"range_search": True, "bn_correction": "mean_var"},
+            "+search+bn-reestimate": {"range_search": True, "bn_recalibration": 50}}
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_ours_presets_encode_the_committed_held_out_choices(bits):
     """``ours-fast`` is the switch set ptq_select.json chose at this width; ``ours`` adds 200 learned-rounding
-    iterations exactly where ptq_select_rounding.json chose them — the presets cannot drift from the
-    measurement that justifies them."""
-    fast_pick = json.loads((RESULTS / "ptq_select.json").read_text())["chosen"][str(bits)]
-    rounding_pick = json.loads((RESULTS / "ptq_select_rounding.json").read_text())["chosen"][str(bits)]
+    iterations exactly where the same file chose them — the presets cannot drift from the measurement
+    that justifies them."""
+    chosen = json.loads((RESULTS / "ptq_select.json").read_text())
+    fast_pick, pick = chosen["chosen_fast"][str(bits)], chosen["chosen"][str(bits)]
     base = QuantConfig(bits=bits, unsigned_activations=True)
     fast = QuantConfig.ours_fast(bits)
     assert fast == base.with_(method="ours-fast", **SWITCHES[fast_pick]) and fast.learned_rounding == 0
-    chosen = 200 if rounding_pick == "ours-fast+rounding" else 0
-    assert QuantConfig.ours(bits) == fast.with_(method="ours", learned_rounding=chosen)
+    assert pick in (fast_pick, f"{fast_pick}+rounding")
+    rounding = 200 if pick.endswith("+rounding") else 0
+    assert QuantConfig.ours(bits) == fast.with_(method="ours", learned_rounding=rounding)
     assert preset("ours", bits) == QuantConfig.ours(bits) and preset("ours-fast", bits) == fast
 
 

@@ -20,12 +20,17 @@ def crop_flip_params(n: int, padding: int, flip: bool = True, generator: torch.G
 
 
 def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flips: torch.Tensor,
-              padding: int) -> torch.Tensor:
-    """Crop each image of ``x`` (N, C, H, W) zero-padded by ``padding`` at (dy, dx), mirrored where
-    ``flips``: one gather for the batch."""
+              padding: int, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop each image of ``x`` (N, C, H, W) padded by ``padding`` at (dy, dx), mirrored where
+    ``flips``: one gather for the batch. The padding is 0, or ``fill`` per channel (shape (C,)): on
+    normalised images, the normalised value of black reproduces a crop of the raw image."""
     n, c, h, w = x.shape
     dev = x.device
-    padded = F.pad(x, (padding,) * 4)
+    if fill is None:
+        padded = F.pad(x, (padding,) * 4)
+    else:
+        padded = fill.to(dev, x.dtype).view(1, c, 1, 1).expand(n, c, h + 2 * padding, w + 2 * padding).clone()
+        padded[:, :, padding : padding + h, padding : padding + w] = x
     rows = dy.to(dev)[:, None] + torch.arange(h, device=dev)
     cols = dx.to(dev)[:, None] + torch.arange(w, device=dev)
     cols = torch.where(flips.to(dev)[:, None], cols.flip(1), cols)
@@ -35,10 +40,11 @@ def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flips: torch.
 
 
 def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None,
-                     flip: bool = True) -> torch.Tensor:
+                     flip: bool = True, fill: torch.Tensor | None = None) -> torch.Tensor:
     """Random ``padding``-pad crop and (if ``flip``) random horizontal flip of a batch (N, C, H, W) of
-    any dtype; ``generator`` makes it reproducible (its device is where the offsets are drawn)."""
-    return crop_flip(x, *crop_flip_params(len(x), padding, flip, generator, x.device), padding)
+    any dtype; ``generator`` makes it reproducible (its device is where the offsets are drawn);
+    ``fill``: the padding's value per channel (default 0)."""
+    return crop_flip(x, *crop_flip_params(len(x), padding, flip, generator, x.device), padding, fill)
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -49,3 +55,9 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device)[:, None, None]
     std = torch.as_tensor(std, dtype=torch.float32, device=x.device)[:, None, None]
     return (x.float() / 255 - mean) / std
+
+
+def normalized_black(mean, std) -> torch.Tensor:
+    """Per channel, what ``normalize`` makes of a black pixel: the value a crop of a normalised image
+    must pad with to equal the normalised crop of the raw image (the training pipeline's padding)."""
+    return normalize(torch.zeros(1, len(mean), 1, 1, dtype=torch.uint8), mean, std).flatten()

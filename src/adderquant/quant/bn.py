@@ -16,9 +16,13 @@ in evaluation mode, so a dropout would stay off) and replaces their running stat
 The batches come from the calibration images: a tensor is cycled through in a fresh seeded
 permutation per pass (every batch full: it wraps around into the next permutation), an iterable
 of tensors or ``(x, y)`` pairs is re-iterated when it runs out. With ``augment`` each batch gets a
-random 4-pixel-pad crop and a horizontal flip (seeded). The augmentation acts on the *normalised*
-tensor, so the padding is 0 in normalised space — the per-channel mean colour — whereas the
-training pipeline pads the raw uint8 image with black (``data.augment``) before normalising.
+random 4-pixel-pad crop and a horizontal flip (seeded). The crop acts on the *normalised* tensor and
+pads with ``fill`` per channel (default 0, the normalised mean colour). Pass the normalised value of
+black (``QuantConfig.bn_pad="darkest"`` does) to get what the training pipeline feeds: it crops the
+raw uint8 image, padding with black, before normalising (``data.augment``). The difference is not
+cosmetic: the official AdderNet ResNet-20's running statistics are those of black-padded crops, and
+statistics re-estimated on mean-colour crops (or on uncropped images) cost the *float* model 4 points
+on held-out training images (``scripts/bn_padding.py``).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def _source(calib, batch_size: int, cycle: bool, generator: torch.Generator):
 @torch.no_grad()
 def reestimate_bn(model: nn.Module, calib, batches: int, *, momentum: float | None = None, batch_size: int = 128,
                   augment: bool = True, padding: int = 4, seed: int = 0, cycle: bool = True,
-                  progress: bool = False) -> int:
+                  fill: torch.Tensor | None = None, progress: bool = False) -> int:
     """Re-estimate the running statistics of every BatchNorm of ``model`` (in place) on ``batches``
     batches of ``calib`` (normalised images); returns how many batches ran. The model's mode is
     restored afterwards. See the module docstring for the statistics, the batches and the augmentation.
@@ -109,7 +113,7 @@ def reestimate_bn(model: nn.Module, calib, batches: int, *, momentum: float | No
                 break
             xb = xb.to(device)
             if augment:
-                xb = random_crop_flip(xb, padding, generator=gen)
+                xb = random_crop_flip(xb, padding, generator=gen, fill=fill)
             model(xb)
             ran += 1
     finally:
@@ -132,7 +136,7 @@ def reestimate_bn(model: nn.Module, calib, batches: int, *, momentum: float | No
 
 
 
-def _bn_input_moments(model: nn.Module, x: torch.Tensor, adjust=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def bn_input_moments(model: nn.Module, x: torch.Tensor, adjust=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per BatchNorm (by name): mean and variance of its input over the whole tensor ``x``, in float64.
     ``adjust(name, bn, mean, var)``, when given, runs before that BatchNorm's forward — so a change it
     makes is what every later layer of the same pass sees."""
@@ -164,7 +168,7 @@ def correct_bn(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, mode
     """
     if mode not in ("mean", "mean_var"):
         raise ValueError(f"BN correction mode must be 'mean' or 'mean_var', got {mode!r}")
-    fp = _bn_input_moments(fp_model.eval(), calib)
+    fp = bn_input_moments(fp_model.eval(), calib)
 
     def adjust(name, bn, mu_q, var_q):
         mu_f, var_f = fp[name]
@@ -177,7 +181,7 @@ def correct_bn(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, mode
         bn.running_mean.copy_(mu_q - ratio * (mu_f - mu_r))
         bn.running_var.copy_(((sigma_r * ratio) ** 2 - bn.eps).clamp_min(0))
 
-    _bn_input_moments(qmodel.eval(), calib, adjust)
+    bn_input_moments(qmodel.eval(), calib, adjust)
 
 
-__all__ = ["correct_bn", "reestimate_bn"]
+__all__ = ["bn_input_moments", "correct_bn", "reestimate_bn"]

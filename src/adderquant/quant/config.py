@@ -4,6 +4,7 @@ by the config's type."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 from ..utils import check_bits
@@ -46,7 +47,12 @@ class QuantConfig:
     - ``bn_recalibration``: after quantizing, re-estimate every BatchNorm's running statistics on that
       many augmented batches of ``bn_batch_size`` calibration images through the quantized model
       (``bn_momentum``: ``None`` = the exact statistics over all those batches, else PyTorch's EMA
-      momentum, the authors' 0.1); 0 = off (:func:`adderquant.quant.bn.reestimate_bn`).
+      momentum, the authors' 0.1); 0 = off (:func:`adderquant.quant.bn.reestimate_bn`). Each batch is
+      a random 4-pixel crop and flip; ``bn_pad`` is what the crop pads with: ``darkest`` (default) = per
+      channel the smallest value of the calibration images — black for normalised 8-bit images, what
+      a crop of the raw image pads with (torchvision's ``RandomCrop(32, padding=4)``), so the statistics
+      are those of the training pipeline the float model's statistics came from; ``zero`` = 0 in
+      normalised space (the mean colour); or one value per input channel.
     - ``range_search`` (beyond the paper): instead of one hand-set α, each adder layer's r_x is the
       percentile among ``range_alphas`` whose quantized layer (groups, shared scales, fold rebuilt)
       minimises the output MSE against the float layer on ``range_search_images`` calibration images.
@@ -80,6 +86,7 @@ class QuantConfig:
     bn_recalibration: int = 0  # batches; 0 = off
     bn_momentum: float | None = None  # None = cumulative (exact statistics over all the batches)
     bn_batch_size: int = 128
+    bn_pad: str | tuple[float, ...] = "darkest"  # what the re-estimation's crops pad with (see above)
     bn_correction: str | None = None  # None, "mean" or "mean_var": correct BN for the quantization shift
     range_search: bool = False  # choose each layer's r_x among range_alphas by output MSE
     range_alphas: tuple[float, ...] = (0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0)
@@ -116,6 +123,7 @@ class QuantConfig:
         if _not_int(self.act_batch_size) or self.act_batch_size < 1:
             raise ValueError(f"act_batch_size must be a positive integer, got {self.act_batch_size!r}")
         check_bn_options(self.bn_recalibration, self.bn_momentum, self.bn_batch_size)
+        check_bn_pad(self.bn_pad)
         if self.range_search:
             if not self.range_alphas:
                 raise ValueError("range_search needs at least one candidate in range_alphas")
@@ -150,8 +158,9 @@ class QuantConfig:
     def ours_fast(cls, bits: int = 4, **overrides) -> QuantConfig:
         """The best preset without learned rounding — the fast path (one calibration pass, seconds):
         the paper's method on the unsigned grid plus, per bit width, the beyond-paper switches
-        (BatchNorm correction, per-layer range search) that scored best on held-out training images,
-        never on the test set (``OURS_SWITCHES``; scripts/ptq_select.py, docs/results/ptq_select.md).
+        (per-layer range search, BatchNorm correction or re-estimation) that kept the float model's
+        predictions best on held-out training images, never on the test set (``OURS_SWITCHES``;
+        scripts/ptq_select.py, docs/results/ptq_select.md).
         Widths above 8 bits take the 8-bit choice."""
         return cls(bits=bits, method="ours-fast", **{"unsigned_activations": True,
                                                       **OURS_SWITCHES[_ours_width(bits)], **overrides})
@@ -159,8 +168,8 @@ class QuantConfig:
     @classmethod
     def ours(cls, bits: int = 4, **overrides) -> QuantConfig:
         """The best preset measured: ``ours_fast`` plus learned rounding at the widths where the same
-        held-out rule chose it (``OURS_ROUNDING``; docs/results/ptq_select_rounding.md). Learned rounding
-        costs tens of seconds per ResNet-20 on a CPU, hence the separate fast preset."""
+        held-out rule chose it (``OURS_ROUNDING``; docs/results/ptq_select.md). Learned rounding costs
+        tens of seconds per ResNet-20 on a CPU, hence the separate fast preset."""
         rounding = {"learned_rounding": OURS_ROUNDING.get(_ours_width(bits), 0)}
         return cls.ours_fast(bits, **{**rounding, **overrides}).with_(method="ours")
 
@@ -213,21 +222,37 @@ def check_bn_options(batches, momentum, batch_size) -> None:
         raise ValueError("; ".join(problems))
 
 
-# What ``QuantConfig.ours`` adds to the unsigned grid at each width: the candidate with the best mean
-# held-out top-1 over three calibration seeds (ties: lower loss) in docs/results/ptq_select.md.
+BN_PADS = ("darkest", "zero")
+
+
+def check_bn_pad(pad) -> None:
+    """ValueError unless ``pad`` is one of ``BN_PADS`` or a non-empty tuple of finite numbers."""
+    if isinstance(pad, str):
+        if pad not in BN_PADS:
+            raise ValueError(f"bn_pad must be one of {BN_PADS} or one value per input channel, got {pad!r}")
+        return
+    if not (isinstance(pad, tuple) and pad and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                   and math.isfinite(v) for v in pad)):
+        raise ValueError(f"bn_pad must be one of {BN_PADS} or a tuple of finite values, one per input channel, "
+                         f"got {pad!r}")
+
+
+# What ``QuantConfig.ours_fast`` adds to the unsigned grid at each width: the fast candidate with the lowest
+# mean KL from the float model on held-out training images over three calibration seeds
+# (scripts/ptq_select.py, docs/results/ptq_select.md; BN re-estimation: 50 batches of black-padded crops).
 OURS_SWITCHES: dict[int, dict] = {
-    8: {"range_search": True},
-    7: {"range_search": True},  # not measured: between the 8- and 6-bit choices, which agree
-    6: {"range_search": True},
-    5: {"bn_correction": "mean"},
-    4: {"bn_correction": "mean"},
-    3: {"range_search": True, "bn_correction": "mean"},
+    8: {"range_search": True, "bn_correction": "mean"},
+    7: {"range_search": True, "bn_correction": "mean"},  # not measured: the 8- and 6-bit choices agree
+    6: {"range_search": True, "bn_correction": "mean"},
+    5: {"range_search": True, "bn_correction": "mean"},
+    4: {"range_search": True, "bn_correction": "mean_var"},
+    3: {"range_search": True, "bn_recalibration": 50},
     2: {"range_search": True, "bn_correction": "mean_var"},
 }
 
 # Learned-rounding iterations per block that ``QuantConfig.ours`` adds to ``OURS_SWITCHES``: the widths
-# where ``ours-fast`` + learned rounding won the same held-out rule (docs/results/ptq_select_rounding.md).
-OURS_ROUNDING: dict[int, int] = {5: 200, 4: 200, 3: 200}
+# where ``ours-fast`` + learned rounding had the lower mean held-out KL in the same run.
+OURS_ROUNDING: dict[int, int] = {8: 200, 7: 200, 6: 200, 4: 200, 3: 200}  # 7: not measured, as above
 
 
 def _ours_width(bits: int) -> int:
@@ -248,7 +273,7 @@ def check_rounding_options(iters, batch_size, lr) -> None:
         raise ValueError("; ".join(problems))
 
 
-QSSF_OVERRIDES = {"quantize_first_last", "first_last_bits", "bn_recalibration", "bn_momentum", "bn_batch_size",
+QSSF_OVERRIDES = {"quantize_first_last", "first_last_bits", "bn_recalibration", "bn_momentum", "bn_batch_size", "bn_pad",
                   "bn_correction", "learned_rounding", "rounding_batch_size", "rounding_lr"}
 
 

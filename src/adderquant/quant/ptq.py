@@ -209,6 +209,9 @@ def check_adder_model(model: nn.Module, config: QuantConfig) -> None:
     if config.groups > fewest.out_channels:
         raise ValueError(f"groups={config.groups} but adder layer {name} has only {fewest.out_channels} "
                          "output channels")
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, AdderConv2d))), None)
+    if config.bn_recalibration and isinstance(config.bn_pad, tuple) and len(config.bn_pad) != first.in_channels:
+        raise ValueError(f"bn_pad has {len(config.bn_pad)} values, the model takes {first.in_channels} input channels")
 
 
 def layer_parameters(weight: torch.Tensor, r_x: float, config: QuantConfig, signed: bool = True):
@@ -374,12 +377,22 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
                                   lr=config.rounding_lr, progress=progress)
     if config.bn_recalibration:  # on the quantized model, augmented calibration batches (quant/bn.py)
         reestimate_bn(q, calib, config.bn_recalibration, momentum=config.bn_momentum,
-                      batch_size=config.bn_batch_size, progress=progress)
+                      batch_size=config.bn_batch_size, fill=pad_fill(config.bn_pad, calib), progress=progress)
         q.eval()
     if config.bn_correction:  # one pass of each model over all the images: a one-step "bar"
         for _ in progress_bar([calib], "BN correction", progress, unit="pass"):
             correct_bn(q, model, calibration_tensor(calib), config.bn_correction)
     return QuantResult(q, config, stats, rounding=rounding)
+
+
+def pad_fill(pad, calib: torch.Tensor) -> torch.Tensor | None:
+    """The per-channel value the BN re-estimation's crops pad with (``QuantConfig.bn_pad``): the
+    calibration images' smallest value per channel (``darkest``), none (``zero``), or the given values."""
+    if pad == "zero":
+        return None
+    if pad == "darkest":
+        return calib.amin(dim=[d for d in range(calib.dim()) if d != 1])
+    return torch.tensor(pad, dtype=calib.dtype, device=calib.device)
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import batches, normalize
+from ..data import batches, normalize, normalized_black
 from ..evaluate import evaluate, show_progress
 from ..loop import cosine_schedule, crop_flip, epoch_summary, sgd_epoch
 from ..utils import default_device, json_dumps
@@ -291,7 +291,8 @@ def _reestimate(qmodel, x, config, normalization, device) -> None:
     gen = torch.Generator().manual_seed(config.seed + 77)
     idx = torch.randperm(len(x), generator=gen)[: config.bn_reestimate * config.batch_size]
     images = normalize(x[idx], *normalization).to(device)
-    reestimate_bn(qmodel, images, config.bn_reestimate, batch_size=config.batch_size, seed=config.seed)
+    reestimate_bn(qmodel, images, config.bn_reestimate, batch_size=config.batch_size, seed=config.seed,
+                  fill=normalized_black(*normalization))  # the training crops' padding
 
 
 def _scores(qmodel, dataset, normalization, x_val, y_val, config, device, progress) -> dict:
