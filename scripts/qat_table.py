@@ -25,12 +25,19 @@ CAP_NOTE = "4 and 3 bits at the same time, one thread each:"
 RUNS_NOTE = ("The 4- and 3-bit runs ran at the same time on the 2-core CPU, one thread each; the 2-bit run "
              "with two threads, beside short probes for part of its time, after the QAT step got cheaper "
              "(the same values in fewer passes, `docs/performance.md`) — the wall column.")
-COMMAND = ("adderquant quantize --data ../shared/data/cifar10 --bits {b} --qat-epochs 10 --qat-holdout 5000 "
-           "--qat-checkpoint qat_{b}.pt --qat-log docs/results/qat_ours_{b}bit.jsonl --export qat_ours_{b}bit.aqz "
-           "--save docs/results/qat_runs.jsonl")
+# The PTQ starts of the recorded runs, as flags: the presets ``ours-fast`` and ``ours`` were these when the runs
+# were made (top-1 chose them; docs/quantization.md §9), so the commands name them switch by switch.
+EARLIER_FAST = {4: "--method paper-unsigned --bn-correction mean",
+                3: "--method paper-unsigned --range-search --bn-correction mean",
+                2: "--method paper-unsigned --range-search --bn-correction mean_var"}
+EARLIER_OURS = {b: f"{EARLIER_FAST[b]} --learned-rounding 200" for b in (4, 3)}
+
+COMMAND = ("adderquant quantize --data ../shared/data/cifar10 {recipe} --bits {b} --qat-epochs 10 "
+           "--qat-holdout 5000 --qat-checkpoint qat_{b}.pt --qat-log docs/results/qat_ours_{b}bit.jsonl "
+           "--export qat_ours_{b}bit.aqz --save docs/results/qat_runs.jsonl")
 
 
-BEST_COMMAND = ("adderquant quantize --data ../shared/data/cifar10 --method ours --bits {b} --qat-epochs 10 "
+BEST_COMMAND = ("adderquant quantize --data ../shared/data/cifar10 {recipe} --bits {b} --qat-epochs 10 "
                 "--qat-holdout 5000 --qat-checkpoint qat_{b}_rounding.pt "
                 "--qat-log docs/results/qat_ours_rounding_{b}bit.jsonl --export qat_ours_rounding_{b}bit.aqz "
                 "--save docs/results/qat_runs_rounding.jsonl")
@@ -38,13 +45,13 @@ BEST_NOTE = ("4 and 3 bits at the same time, one thread each (`OMP_NUM_THREADS=1
              "test suite for about 37 of their 73 minutes:")
 
 
-CAP_COMMAND = ("adderquant quantize --data ../shared/data/cifar10 --bits {b} --qat-epochs 10 --qat-holdout 5000 "
-               "--qat-clip-grad-norm 1.0 --qat-checkpoint qat_{b}_cap.pt "
+CAP_COMMAND = ("adderquant quantize --data ../shared/data/cifar10 {recipe} --bits {b} --qat-epochs 10 "
+               "--qat-holdout 5000 --qat-clip-grad-norm 1.0 --qat-checkpoint qat_{b}_cap.pt "
                "--qat-log docs/results/qat_ours_{b}bit_cap.jsonl "
                "--export qat_ours_{b}bit_cap.aqz --save docs/results/qat_runs_cap.jsonl")
 
 
-BEST_CAP_COMMAND = ("adderquant quantize --data ../shared/data/cifar10 --method ours --bits {b} --qat-epochs 10 "
+BEST_CAP_COMMAND = ("adderquant quantize --data ../shared/data/cifar10 {recipe} --bits {b} --qat-epochs 10 "
                     "--qat-holdout 5000 --qat-keep-best --qat-clip-grad-norm 1.0 "
                     "--qat-checkpoint qat_{b}_rounding_cap.pt "
                     "--qat-log docs/results/qat_ours_rounding_{b}bit_cap.jsonl "
@@ -109,8 +116,10 @@ def render() -> str:
     runs = _runs(RESULTS / "qat_runs.jsonl")
     logs = _logs("qat_ours_{b}bit.jsonl", (4, 3, 2))
     if not logs:
-        return "No QAT run is committed yet; " + COMMAND.format(b=4) + " writes one."
-    text = ("`ours-fast` (the default preset; called `ours` when these runs were made), official AdderNet "
+        return "No QAT run is committed yet; " + COMMAND.format(b=4, recipe="") + " writes one."
+    text = ("The earlier `ours-fast` (the default preset when these runs were made; the commands in "
+            "`docs/results/qat_ours.md` name its switches: the `mean` BatchNorm correction at 4 bits, with range "
+            "search at 3 bits, range search and `mean_var` at 2), official AdderNet "
             "ResNet-20, 8-bit first/last layers (as exported), 1024 calibration images "
             "(seed 0); QAT on the CIFAR-10 training split minus 5,000 held-out images, top-1 on the full test "
             "set (10,000) after every epoch — reported, never used to choose anything. Default recipe "
@@ -128,15 +137,16 @@ def render() -> str:
                  + _table(cap_logs, _runs(RESULTS / "qat_runs_cap.jsonl", epochs=10)))
     best_logs = _logs("qat_ours_rounding_{b}bit.jsonl", (4, 3))
     if best_logs:
-        text += ("\n\nThe same recipe from `ours`, the best PTQ preset (`ours-fast` plus learned rounding at 5, 4 "
-                 "and 3 bits; QAT's latent weights keep the learned codes), " + BEST_NOTE + "\n\n"
+        text += ("\n\nThe same recipe from the earlier `ours` (that `ours-fast` plus learned rounding at 4 and 3 "
+                 "bits; QAT's latent weights keep the learned codes), " + BEST_NOTE + "\n\n"
                  + _table(best_logs, _runs(RESULTS / "qat_runs_rounding.jsonl", epochs=10, preset="ours")))
     best_cap_logs = _logs("qat_ours_rounding_{b}bit_cap.jsonl", (4, 3))
     if best_cap_logs:
         runs = _runs(RESULTS / "qat_runs_rounding_cap.jsonl", epochs=10, preset="ours")
-        text += ("\n\nFrom `ours` with the gradient cap and `--qat-keep-best` (the returned model is the state, the "
-                 "PTQ start included, with the best held-out score; the epochs' test scores are unchanged by it, "
-                 "the final column is the returned model), 4 and 3 bits at the same time, one thread each:\n\n"
+        text += ("\n\nFrom the earlier `ours` with the gradient cap and `--qat-keep-best` (the returned model is "
+                 "the state, the PTQ start included, with the best held-out score; the epochs' test scores are "
+                 "unchanged by it, the final column is the returned model), 4 and 3 bits at the same time, one "
+                 "thread each:\n\n"
                  + _table(best_cap_logs, runs) + "\n\n" + _kept(best_cap_logs, runs))
     bench = RESULTS / "bench_qat.json"
     if bench.exists():
@@ -150,15 +160,19 @@ def render() -> str:
 
 
 def markdown(block: str) -> str:
-    return ("# QAT of `ours-fast` and `ours` — generated by `python scripts/qat_table.py` from the files next to "
-            "this one\n\n" + block + "\n\nCommand per width (`--save` appends to `qat_runs.jsonl`), with the cap, "
-            "and from `ours` without and with the cap:\n\n```\n"
-            + "\n".join(c.format(b="B") for c in (COMMAND, CAP_COMMAND, BEST_COMMAND, BEST_CAP_COMMAND))
+    return ("# QAT of the earlier `ours-fast` and `ours` — generated by `python scripts/qat_table.py` from the files "
+            "next to this one\n\n" + block + "\n\nCommand per width (`--save` appends to `qat_runs.jsonl`), with "
+            "the cap, and from the earlier `ours` without and with the cap:\n\n```\n"
+            + "\n".join(c.format(b=b, recipe=recipes[b]) for c, recipes in
+                        ((COMMAND, EARLIER_FAST), (CAP_COMMAND, EARLIER_FAST), (BEST_COMMAND, EARLIER_OURS),
+                         (BEST_CAP_COMMAND, EARLIER_OURS)) for b in recipes if b in (4, 3) or c is COMMAND)
             + "\n```\n\n"
             "The exported 4-bit model, checked against its float64 fake-quant model on all 10,000 test images "
-            "(`python scripts/integer_exactness.py --method ours-fast --calib-data ../shared/data/cifar10 --data "
+            "(`python scripts/integer_exactness.py --method paper-unsigned --calib-data ../shared/data/cifar10 --data "
             "../shared/data/cifar10 --qat-state qat_4.pt --numpy --json "
-            "docs/results/integer_exactness_qat_ours4_full.json`): 0 predictions differ, the NumPy runtime's "
+            "docs/results/integer_exactness_qat_ours4_full.json`; run as `--method ours-fast` when that preset was "
+            "paper-unsigned plus the BatchNorm correction, which builds the same layers and whose statistics the "
+            "state replaces): 0 predictions differ, the NumPy runtime's "
             "logits equal the engine's; 89 images differ from the float32 fake-quant model, which itself "
             "differs from its float64 evaluation on the same 89 (float32 rounding at code boundaries).\n")
 

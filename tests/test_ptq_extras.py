@@ -236,6 +236,29 @@ def test_the_fast_path_is_the_default_everywhere():
     assert QuantConfig.ours(16).learned_rounding == QuantConfig.ours(8).learned_rounding  # wider: the 8-bit choice
 
 
+def test_cli_switches_reach_the_config_of_any_method():
+    """--bn-correction, --range-search and --learned-rounding override the preset's switches, so a recipe such
+    as an earlier `ours-fast` (paper-unsigned + the mean correction) stays expressible."""
+    from adderquant.cli import _quantize_run, build_parser
+
+    args = ["quantize", "--method", "paper-unsigned", "--bits", "3", "--bn-correction", "mean", "--range-search",
+            "--learned-rounding", "7"]
+    assert _quantize_run(build_parser().parse_args(args)).quant == QuantConfig.paper_unsigned(
+        3, bn_correction="mean", range_search=True, learned_rounding=7)
+    assert _quantize_run(build_parser().parse_args(["quantize", "--method", "paper"])).quant == QuantConfig.paper(4)
+
+
+@pytest.mark.parametrize("flags", [["--method", "qssf", "--range-search"], ["--learned-rounding", "-1"],
+                                   ["--method", "paper", "--bn-correction", "mean", "--bn-recalibration", "3"]])
+def test_cli_refuses_bad_switches_in_one_line_before_any_work(flags, capsys, tmp_path, monkeypatch):
+    from adderquant.cli import main
+
+    monkeypatch.setattr("adderquant.cli._data", lambda args: pytest.fail("data was loaded before the check"))
+    assert main(["quantize", "--checkpoint", str(tmp_path / "never-read.pth"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("adderquant quantize: error:")
+
+
 def test_cli_refuses_negative_bn_recalibration_before_any_work(capsys, tmp_path, monkeypatch):
     from adderquant.cli import main
 

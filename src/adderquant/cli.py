@@ -246,6 +246,13 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
     p.add_argument("--bn-recalibration", type=int, default=None, metavar="N",
                    help="re-estimate BatchNorm statistics on N augmented calibration batches after quantizing "
                         "(default: 0 = off; 200 for --method authors)")
+    p.add_argument("--bn-correction", default=None, choices=("mean", "mean_var"),
+                   help="correct the float model's BatchNorm statistics for the quantization shift (any method)")
+    p.add_argument("--range-search", action="store_true", default=None,
+                   help="choose each adder layer's activation range by output MSE (any method on the uniform grid)")
+    p.add_argument("--learned-rounding", type=int, default=None, metavar="N",
+                   help="learn the adder weights' rounding, N iterations per block (any method; ours: 200 where "
+                        "chosen)")
     p.add_argument("--seed", type=int, default=0, help="seed choosing the calibration images")
     p.add_argument("--quantize-first-last", action="store_true",
                    help="first and last layers at 8 bits (implied by --export)")
@@ -296,7 +303,9 @@ def _quantize_run(args):
 
     _device(args)
     overrides = {k: v for k, v in {"groups": args.groups, "alpha": args.alpha,
-                                   "bn_recalibration": args.bn_recalibration}.items() if v is not None}
+                                   "bn_recalibration": args.bn_recalibration, "bn_correction": args.bn_correction,
+                                   "range_search": args.range_search,
+                                   "learned_rounding": args.learned_rounding}.items() if v is not None}
     if args.quantize_first_last or args.export:
         overrides["quantize_first_last"] = True
     config = preset(args.method, args.bits, **overrides)

@@ -273,8 +273,8 @@ def check_rounding_options(iters, batch_size, lr) -> None:
         raise ValueError("; ".join(problems))
 
 
-QSSF_OVERRIDES = {"quantize_first_last", "first_last_bits", "bn_recalibration", "bn_momentum", "bn_batch_size", "bn_pad",
-                  "bn_correction", "learned_rounding", "rounding_batch_size", "rounding_lr"}
+QSSF_OVERRIDES = {"quantize_first_last", "first_last_bits", "bn_recalibration", "bn_momentum", "bn_batch_size",
+                  "bn_pad", "bn_correction", "learned_rounding", "rounding_batch_size", "rounding_lr"}
 
 
 @dataclass(frozen=True)
