@@ -97,9 +97,16 @@ def test_a_dataloader_gives_the_tensor_result_and_keeps_what_the_tensor_path_kee
 
 def test_quantize_keeps_only_the_first_images_of_an_iterable_for_whole_tensor_steps(small_adder):
     batches = (_calib(4, seed=s) for s in range(25))  # 100 images, one pass
-    with pytest.warns(UserWarning, match="BN correction used the first 16 of the 100 calibration images"):
-        result = quantize(small_adder, batches, QuantConfig.ours_fast(4), tensor_images=16)
+    with pytest.warns(UserWarning, match=r"BN correction used the first 16 of the 100 .*tensor_images=16"):
+        result = quantize(small_adder, batches, QuantConfig.paper_unsigned(4, bn_correction="mean"), tensor_images=16)
     assert result.layers
+
+
+def test_range_search_keeps_its_own_images_of_an_iterable_and_the_warning_names_that_bound(small_adder):
+    batches = (_calib(4, seed=s) for s in range(25))
+    config = QuantConfig.paper_unsigned(4, bn_correction="mean", range_search=True, range_search_images=32)
+    with pytest.warns(UserWarning, match=r"first 32 of the 100 .*range_search_images=32"):
+        quantize(small_adder, batches, config, tensor_images=16)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -338,9 +338,11 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
                 if head.count >= need:
                     break
         if need and steps and head.seen > head.count:
+            kept = f"tensor_images={tensor_images}" if need == tensor_images else \
+                f"range_search_images={config.range_search_images}"
             warnings.warn(f"quantize: {', '.join(steps)} used the first {head.count} of the {head.seen} calibration "
-                          f"images (an iterable is kept up to tensor_images={tensor_images}; pass the images as one "
-                          "tensor to use them all)", stacklevel=2)
+                          f"images (an iterable is kept up to {kept}; pass the images as one tensor to use "
+                          "them all)", stacklevel=2)
         calib = head.tensor()
         if calib is None and need:
             raise ValueError("no calibration images: the iterable yielded no batch")
