@@ -39,7 +39,12 @@ CANDIDATES = {
     "lr 1e-4 + distill 0.5 + ranges lr 0.1": {"lr": 1e-4, "distill": 0.5, "range_lr": 0.1},
     "lr 1e-4 + distill 0.5 + ranges lr 1": {"lr": 1e-4, "distill": 0.5, "range_lr": 1.0},
     "lr 1e-4 + distill 0.5 + ranges lr 10": {"lr": 1e-4, "distill": 0.5, "range_lr": 10.0},
+    "lr 1e-4 + distill 0.5 + frozen BN": {"lr": 1e-4, "distill": 0.5, "freeze_bn": True},
+    "lr 3e-4 + distill 0.5 + frozen BN": {"lr": 3e-4, "distill": 0.5, "freeze_bn": True},
+    "lr 1e-3 + distill 0.5 + frozen BN": {"lr": 1e-3, "distill": 0.5, "freeze_bn": True},
 }
+# What a candidate leaves unnamed: the paper's recipe, not today's defaults (which these runs chose).
+UNNAMED = {"distill": 0.0, "freeze_bn": False, "range_lr": 0.0}
 
 
 def main(argv=None) -> int:
@@ -76,7 +81,7 @@ def main(argv=None) -> int:
             continue
         model = copy.deepcopy(ptq)
         cfg = QATConfig(epochs=args.epochs, batch_size=256, limit_train=args.train, holdout=args.holdout, eval_limit=0,
-                        schedule="step", **recipe)
+                        schedule="step", **{**UNNAMED, **recipe})
         t0 = time.perf_counter()
         entry = qat(model, ds, ck.normalization, cfg, float_model=fp)[-1]
         rows[name] = {**recipe, **{k: entry[k] for k in ("holdout_top1", "holdout_loss", "train_loss")
@@ -91,6 +96,10 @@ def main(argv=None) -> int:
     command = "python scripts/qat_select.py --data <cifar10> --bits " + str(args.bits)
     if args.epochs != 1:
         command += f" --epochs {args.epochs} --train {args.train}"
+    if args.only:
+        command += " --only " + " ".join(f"'{n}'" for n in args.only)
+    if args.out:
+        command += f" --out {args.out}"
     record = {"command": command, "bits": args.bits, "epochs": args.epochs,
               "train_images": args.train - args.holdout, "holdout_images": args.holdout,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -158,3 +159,21 @@ def test_eval_refuses_flags_that_do_not_apply(official_addernet, cifar_subset, c
 def test_models_lists_both_kinds(capsys):
     assert main(["models", "--kind", "conv", "--json"]) == 0
     assert all(r["kinds"] == ["conv"] for r in _last_json(capsys)["models"])
+
+
+@pytest.mark.parametrize(("flags", "freeze_bn", "lr"), [
+    ([], True, 3e-4),  # the recipe's defaults (frozen BatchNorms, chosen on held-out images)
+    (["--no-qat-freeze-bn", "--qat-lr", "1e-4"], False, 1e-4),  # the recipe the earlier QAT runs used
+    (["--qat-freeze-bn"], True, 3e-4),
+])
+def test_quantize_qat_recipe_flags_reach_the_config(flags, freeze_bn, lr, monkeypatch, tmp_path, capsys):
+    seen = []
+
+    def stop(config):
+        seen.append(config)
+        raise ValueError("stopped after building the QAT config")
+
+    monkeypatch.setattr(importlib.import_module("adderquant.quant.qat"), "check_qat_files", stop)
+    assert main(["quantize", "--checkpoint", str(tmp_path / "never-read.pth"), "--qat-epochs", "1"] + flags) == 2
+    (config,) = seen
+    assert config.freeze_bn is freeze_bn and config.lr == lr

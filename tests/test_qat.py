@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 
@@ -267,15 +268,14 @@ def _holdout_score(model, ds, holdout=16):
 def test_keep_best_returns_the_best_held_out_state_the_start_included(lr, kept):
     """The returned model scores, on the held-out images, the best of the start and every epoch (top-1,
     then loss); when that is the start, it is the quantized model QAT was given, bit for bit."""
-    import copy
-
     ds = _data()
     model = _warm(_net(), ds)
-    # a fixed recipe (what ours-fast was at 4 bits when the three cases were found), not the preset, which
-    # the held-out selection may change: the cases depend on this tiny model's trajectory
+    # a fixed recipe (ours-fast at 4 bits and the QAT BatchNorms when the three cases were found), not the
+    # presets, which the held-out selections may change: the cases depend on this tiny model's trajectory
     q = quantize(model, _calib(ds), QuantConfig.paper_unsigned(4, bn_correction="mean")).model
     given = copy.deepcopy(q)
-    cfg = QATConfig(epochs=3, lr=lr, batch_size=16, distill=0.5, holdout=16, keep_best=True, eval_limit=0)
+    cfg = QATConfig(epochs=3, lr=lr, batch_size=16, distill=0.5, holdout=16, keep_best=True, eval_limit=0,
+                    freeze_bn=False)
     log = qat(q, ds, NORM, cfg, float_model=model)
     scored = [(0, log[0]["start_holdout_top1"], log[0]["start_holdout_loss"])] + \
              [(e["epoch"], e["holdout_top1"], e["holdout_loss"]) for e in log]
@@ -336,6 +336,26 @@ def test_final_bn_reestimation_sees_crops_of_the_raw_training_images():
     x = torch.cat(recorded)
     torch.testing.assert_close(bns[-1].running_mean.double(), x.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bns[-1].running_var.double(), x.var((0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_batchnorm_keeps_the_ptq_statistics_and_trains_the_affine_parameters():
+    model, ds = _net(), _data()
+    start = quantize(model, _calib(ds), QuantConfig.ours_fast(4)).model
+
+    def batchnorms(m):
+        return [b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+
+    runs = {}
+    for frozen in (True, False):
+        q = copy.deepcopy(start)
+        qat(q, ds, NORM, QATConfig(epochs=1, lr=0.05, batch_size=16, eval_limit=0, freeze_bn=frozen),
+            float_model=model)
+        runs[frozen] = q
+    for a, b, c in zip(batchnorms(start), batchnorms(runs[True]), batchnorms(runs[False]), strict=True):
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+        assert int(a.num_batches_tracked) == int(b.num_batches_tracked)
+        assert not torch.equal(a.weight, b.weight)  # the affine parameters trained
+        assert not torch.equal(a.running_mean, c.running_mean)  # in training mode the statistics move
 
 
 def test_qat_config_refuses_bad_recipes():

@@ -257,7 +257,7 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
     p.add_argument("--quantize-first-last", action="store_true",
                    help="first and last layers at 8 bits (implied by --export)")
     p.add_argument("--qat-epochs", type=int, default=0, help="quantization-aware training epochs (paper: 50)")
-    p.add_argument("--qat-lr", type=float, default=1e-4)
+    p.add_argument("--qat-lr", type=float, default=None, help="QAT learning rate (default: the recipe's, 3e-4)")
     p.add_argument("--qat-limit-train", type=int, default=None, help="QAT on the first N training images")
     p.add_argument("--qat-clip-grad-norm", type=float, default=None,
                    help="cap the total gradient norm in QAT (not in the paper, not needed with latent weights)")
@@ -271,6 +271,9 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
                    help="cosine learning-rate decay stepped per epoch or per batch")
     p.add_argument("--qat-bn-reestimate", type=int, default=None, metavar="N",
                    help="exact BatchNorm statistics on N training batches after QAT")
+    p.add_argument("--qat-freeze-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="BatchNorms keep the PTQ model's running statistics during QAT, their affine parameters "
+                        "train (default: on; --no-qat-freeze-bn trains them on batch statistics)")
     p.add_argument("--qat-range-lr", type=float, default=None, metavar="LR",
                    help="learn the shared ranges (LSQ) at this learning rate (default: the recipe's)")
     p.add_argument("--qat-holdout", type=int, default=None, metavar="N",
@@ -319,9 +322,10 @@ def _quantize_run(args):
     if args.qat_epochs:
         recipe = {k: v for k, v in {"distill": args.qat_distill, "temperature": args.qat_temperature,
                                     "schedule": args.qat_schedule, "bn_reestimate": args.qat_bn_reestimate,
-                                    "holdout": args.qat_holdout, "range_lr": args.qat_range_lr}.items()
+                                    "holdout": args.qat_holdout, "range_lr": args.qat_range_lr,
+                                    "freeze_bn": args.qat_freeze_bn, "lr": args.qat_lr}.items()
                   if v is not None}
-        qat = QATConfig(epochs=args.qat_epochs, lr=args.qat_lr, limit_train=args.qat_limit_train,
+        qat = QATConfig(epochs=args.qat_epochs, limit_train=args.qat_limit_train,
                         eval_limit=args.limit, clip_grad_norm=args.qat_clip_grad_norm, latent=not args.qat_literal,
                         checkpoint=args.qat_checkpoint, resume=args.qat_resume, log_path=args.qat_log,
                         keep_best=args.qat_keep_best, **recipe)

@@ -42,16 +42,22 @@ def sgd_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Itera
               augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None, step: int = 0,
               scheduler=None, clip_grad_norm: float | None = None, max_steps: int | None = None,
               amp: bool = False, loss_fn: Callable = F.cross_entropy, teacher: nn.Module | None = None,
-              desc: str = "train", progress: bool = False) -> dict:
+              frozen_bn: bool = False, desc: str = "train", progress: bool = False) -> dict:
     """One pass over ``batches`` (uint8 images, labels) in training mode: augment, normalise, forward,
     loss, backward, optional gradient-norm cap, optimizer step; ``scheduler`` (if given) steps after
     every batch. With a ``teacher`` the loss is ``loss_fn(logits, labels, teacher_logits)``, the
     teacher run without gradients on the same augmented batch. Batches of one image are skipped
-    (BatchNorm cannot train on them). Stops early when
-    the global ``step`` reaches ``max_steps``. Returns the epoch's mean loss, accuracy, images, steps
-    done so far (global) and seconds; the sums stay on the device (no sync per step).
+    (BatchNorm cannot train on them); with ``frozen_bn`` the BatchNorms stay in evaluation mode (they
+    normalise with their running statistics and leave them alone; their affine parameters still
+    train). Stops early when the global ``step`` reaches ``max_steps``. Returns the epoch's mean loss,
+    accuracy, images, steps done so far (global) and seconds; the sums stay on the device (no sync per
+    step).
     """
     model.train()
+    if frozen_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     device = next(model.parameters()).device
     mean, std = normalization
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -18,6 +18,11 @@ What this module adds, each a :class:`QATConfig` field:
   share a range, so the one-shared-scale constraint holds), with their own learning rate and no weight
   decay (:meth:`QuantAdderConv2d.learn_ranges`).
 - ``bn_reestimate``: exact BatchNorm statistics re-estimated on that many training batches at the end.
+- ``freeze_bn``: the BatchNorms normalise with the running statistics the PTQ model came with (their
+  affine parameters still train), so every step trains the function that is evaluated and exported.
+  In training mode they would switch to batch statistics, which amounts to re-estimating them: on
+  held-out images that is worse than the corrected statistics ``ours`` chooses at 8–4 bits
+  (docs/results/ptq_select.md), and the first epoch would start by giving that up.
 - ``holdout``: training images kept out of QAT and scored after every epoch (the validation score
   that chooses recipes; the test split only reports).
 - ``keep_best``: hand back the state, the quantized starting point included, with the best held-out
@@ -49,7 +54,7 @@ from .bn import reestimate_bn
 @dataclass
 class QATConfig:
     epochs: int = 50
-    lr: float = 1e-4
+    lr: float = 3e-4  # with freeze_bn; scripts/qat_select.py (docs/results/qat_select_4bit_frozen_bn.json)
     batch_size: int = 256
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -65,6 +70,7 @@ class QATConfig:
     schedule: str = "step"  # cosine decay stepped per "step" or per "epoch" (the paper's)
     range_lr: float = 0.0  # learning rate of the shared ranges (LSQ; 0: frozen as calibrated, the paper's)
     bn_reestimate: int = 0  # batches of training images for exact BN statistics at the end (0: off)
+    freeze_bn: bool = True  # BatchNorms keep the PTQ model's running statistics (affine parameters train)
     holdout: int = 0  # training images held out of QAT and scored after every epoch
     keep_best: bool = False  # return the best held-out state, the PTQ start included (needs holdout)
     checkpoint: str | None = None  # file for the state after every epoch (atomic)
@@ -224,7 +230,7 @@ def qat(qmodel: nn.Module, dataset, normalization, config: QATConfig | None = No
         stats = sgd_epoch(qmodel, opt, loader, normalization, step=steps, max_steps=config.max_steps,
                           augment=crop_flip(seed=lambda s, e=epoch: config.seed * 1000 + e + s),
                           clip_grad_norm=config.clip_grad_norm, desc=f"qat {epoch + 1}/{config.epochs}",
-                          scheduler=sched if config.schedule == "step" else None,
+                          scheduler=sched if config.schedule == "step" else None, frozen_bn=config.freeze_bn,
                           progress=show_progress(progress), **extra)
         steps = stats["step"]
         if config.schedule == "epoch":
