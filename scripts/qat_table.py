@@ -201,7 +201,23 @@ def markdown(block: str) -> str:
             "paper-unsigned plus the BatchNorm correction, which builds the same layers and whose statistics the "
             "state replaces): 0 predictions differ, the NumPy runtime's "
             "logits equal the engine's; 89 images differ from the float32 fake-quant model, which itself "
-            "differs from its float64 evaluation on the same 89 (float32 rounding at code boundaries).\n")
+            "differs from its float64 evaluation on the same 89 (float32 rounding at code boundaries).\n"
+            + _frozen_integer_check())
+
+
+def _frozen_integer_check() -> str:
+    """The integer check of the 4-bit model QAT made from today's ``ours``, read from its JSON."""
+    path = RESULTS / "integer_exactness_qat_ours_frozen4_full.json"
+    if not path.exists():
+        return ""
+    s = json.loads(path.read_text())["sets"][0]
+    d = s["differing_predictions"]
+    return ("\nThe same check of the 4-bit model QAT made from today's `ours` (`python scripts/integer_exactness.py "
+            "--method ours --calib-data ../shared/data/cifar10 --data ../shared/data/cifar10 --qat-state "
+            "qat_4_frozen.pt --json docs/results/integer_exactness_qat_ours_frozen4_full.json`): "
+            f"{d['int_vs_fake64']} of {s['n']:,} predictions differ from the float64 fake-quant model (top-1 "
+            f"{s['top1']['int']:.2f} % in integers); {d['int_vs_fake32']} differ from the float32 one, which "
+            f"differs from its float64 evaluation on {d['fake32_vs_fake64']}.\n")
 
 
 def main(argv=None) -> int:
