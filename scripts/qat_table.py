@@ -109,6 +109,15 @@ def _logs(name: str, widths) -> dict[int, list[dict]]:
     return {b: v for b, v in logs.items() if v}
 
 
+def _held_out(logs: dict[int, list[dict]]) -> str:
+    """The held-out training images' top-1 after every epoch, per width, as one paragraph."""
+    if not logs:
+        return ""
+    return "\n\nHeld-out training images (5,000) after each epoch: " + "; ".join(
+        f"{b}-bit " + " → ".join(f"{e['holdout_top1']:.2f}" for e in log if "holdout_top1" in e)
+        for b, log in logs.items()) + "."
+
+
 def _kept(logs: dict[int, list[dict]], runs: dict[int, dict]) -> str:
     """Which state ``--qat-keep-best`` returned per width, and the held-out scores it chose by."""
     parts = []
@@ -137,10 +146,7 @@ def render() -> str:
                  "training split minus 5,000 held-out images, top-1 on the full test set (10,000) after every "
                  "epoch — reported, never used to choose anything. " + FROZEN_NOTE + "\n\n"
                  + _table(frozen_logs, _runs(RESULTS / "qat_runs_frozen.jsonl", epochs=10, preset="ours"))
-                 + "\n\nHeld-out training images (5,000) after each epoch: "
-                 + "; ".join(f"{b}-bit " + " → ".join(f"{e['holdout_top1']:.2f}" for e in log)
-                             for b, log in frozen_logs.items()) + ".\n\nEarlier runs, with the recipe and "
-                 "presets of their time:\n\n")
+                 + _held_out(frozen_logs) + "\n\nEarlier runs, with the recipe and presets of their time:\n\n")
     text += ("The earlier `ours-fast` (the default preset when these runs were made; the commands in "
             "`docs/results/qat_ours.md` name its switches: the `mean` BatchNorm correction at 4 bits, with range "
             "search at 3 bits, range search and `mean_var` at 2), official AdderNet "
@@ -150,11 +156,7 @@ def render() -> str:
             "default then (latent weights, distillation α 0.5 T 4, lr 1e-4 per-step cosine, batch 256, BatchNorms "
             "on batch statistics), one run per width. "
             + RUNS_NOTE + "\n\n" + _table(logs, runs))
-    holdout = []
-    for b, log in logs.items():
-        holdout.append(f"{b}-bit " + " → ".join(f"{e['holdout_top1']:.2f}" for e in log if "holdout_top1" in e))
-    if holdout:
-        text += "\n\nHeld-out training images (5,000) after each epoch: " + "; ".join(holdout) + "."
+    text += _held_out(logs)
     cap_logs = _logs("qat_ours_{b}bit_cap.jsonl", (4, 3))
     if cap_logs:
         text += ("\n\nThe same runs with the gradient cap (`--qat-clip-grad-norm 1.0`; not needed with latent "
