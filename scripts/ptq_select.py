@@ -49,6 +49,15 @@ FAST = {
     "+search+bn-mean": {"range_search": True, "bn_correction": "mean"},
     "+search+bn-mean-var": {"range_search": True, "bn_correction": "mean_var"},
     "+search+bn-reestimate": {"range_search": True, "bn_recalibration": 50},
+    # the range search per weight group (range_search_scope="group"), added after the rows above
+    "+group-search+bn-mean": {"range_search": True, "range_search_scope": "group", "bn_correction": "mean"},
+    "+group-search+bn-mean-var": {"range_search": True, "range_search_scope": "group", "bn_correction": "mean_var"},
+    "+group-search+bn-reestimate": {"range_search": True, "range_search_scope": "group", "bn_recalibration": 50},
+    # the groups formed by the search's per-channel errors (range_search_scope="regroup"), added third
+    "+regroup-search+bn-mean": {"range_search": True, "range_search_scope": "regroup", "bn_correction": "mean"},
+    "+regroup-search+bn-mean-var": {"range_search": True, "range_search_scope": "regroup",
+                                    "bn_correction": "mean_var"},
+    "+regroup-search+bn-reestimate": {"range_search": True, "range_search_scope": "regroup", "bn_recalibration": 50},
 }
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from adderquant.data import normalize
@@ -208,6 +210,9 @@ SWITCHES = {"paper-unsigned": {}, "+bn-mean": {"bn_correction": "mean"}, "+bn-me
             "+search": {"range_search": True}, "+search+bn-mean": {"range_search": True, "bn_correction": "mean"},
             "+search+bn-mean-var": {"range_search": True, "bn_correction": "mean_var"},
             "+search+bn-reestimate": {"range_search": True, "bn_recalibration": 50}}
+SWITCHES.update({f"+{scope}-{name[1:]}": {**SWITCHES[name], "range_search_scope": scope}
+                 for scope in ("group", "regroup")
+                 for name in ("+search+bn-mean", "+search+bn-mean-var", "+search+bn-reestimate")})
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
@@ -478,11 +483,108 @@ def test_range_search_returns_the_brute_force_minimiser(images):
         assert stats["range_search"] == pytest.approx(errs)
 
 
+@torch.no_grad()
+def _total_error(layer, r_x: list[float], config, signed, x, target) -> float:
+    from adderquant.quant.ptq import _quant_layer
+
+    return float((_quant_layer(layer, r_x, config, signed).eval()(x).double() - target).square().sum())
+
+
+def test_range_search_per_group_is_the_brute_force_minimiser_over_every_combination(images):
+    """Per group, the chosen ranges minimise the layer's total output error over every combination of
+    per-group candidates (built through the same path with a list of ranges) — so the per-group choice is
+    exact, and never worse than the per-layer one."""
+    from adderquant.quant.ptq import _adder_inputs
+
+    fp = _tiny(images)
+    calib = normalize(images, *NORM)
+    config = QuantConfig.paper(3, unsigned_activations=True, range_search=True, range_alphas=(0.9, 0.99, 1.0),
+                               range_search_scope="group")
+    result = quantize(fp, calib, config)
+    per_layer = quantize(fp, calib, config.with_(range_search_scope="layer"))
+    obs = calibrate(fp, calib, config, min_alpha=0.9)
+    inputs = _adder_inputs(fp, calib, config.range_search_images)
+    differ = 0
+    for name, stats in result.layers.items():
+        layer, o, x = fp.get_submodule(name), obs[name], inputs[name]
+        candidates = {a: (o.percentile(a) if a < 1 else o.max) for a in config.range_alphas}
+        groups = len(stats["ranges"])
+        with torch.no_grad():
+            target = layer(x).double()
+        errs = {combo: _total_error(layer, [candidates[a] for a in combo], config, stats["signed"], x, target)
+                for combo in itertools.product(config.range_alphas, repeat=groups)}
+        best = min(errs, key=errs.get)
+        chosen = tuple(stats["range_search"]["group_alphas"])
+        assert errs[chosen] == pytest.approx(errs[best], rel=1e-9)
+        assert stats["r_x_groups"] == [candidates[a] for a in chosen]
+        layer_choice = [per_layer.layers[name]["r_x"]] * groups
+        assert errs[chosen] <= _total_error(layer, layer_choice, config, stats["signed"], x, target) * (1 + 1e-9)
+        differ += len(set(chosen)) > 1
+    assert differ > 0  # some layer did choose different ranges for different groups
+
+
+def test_range_search_per_group_keeps_the_model_exportable(images):
+    fp = _tiny(images)
+    config = QuantConfig.ours_fast(4, range_search_scope="group", quantize_first_last=True)
+    _check_model(quantize(fp, normalize(images, *NORM), config).model, images[:2], numpy_images=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_error_groups_is_the_brute_force_best_labelling(candidates, groups, channels, seed):
+    """Over every labelling of the channels with at most ``groups`` distinct candidates, none has a lower
+    total error than :func:`error_groups`'s, and its labels are contiguous and point at the candidates it
+    reports."""
+    from adderquant.quant.grouping import error_groups
+
+    errors = torch.rand(candidates, channels, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    used, labels = error_groups(errors, groups)
+    total = float(errors[torch.tensor(used)[labels], torch.arange(channels)].sum())
+    brute = min(float(errors[list(pick), torch.arange(channels)].sum())
+                for pick in itertools.product(range(candidates), repeat=channels) if len(set(pick)) <= groups)
+    assert total == pytest.approx(brute, rel=1e-12)
+    assert sorted(set(labels.tolist())) == list(range(len(used))) and len(used) <= groups
+    assert used == sorted(used)
+
+
+def test_regroup_search_beats_both_scopes_on_every_layer_and_stays_exportable(images):
+    """Groups formed by the errors: the rebuilt layer's output error is at most the per-group and the
+    per-layer search's (they are labellings it considered), each group has one shared range — the
+    candidate its channels chose — and the model exports bit-exactly."""
+    from adderquant.quant.ptq import _adder_inputs, _quant_layer
+
+    fp = _tiny(images)
+    calib = normalize(images, *NORM)
+    config = QuantConfig.paper(3, unsigned_activations=True, range_search=True, range_alphas=(0.9, 0.99, 1.0),
+                               range_search_scope="regroup")
+    results = {scope: quantize(fp, calib, config.with_(range_search_scope=scope))
+               for scope in ("regroup", "group", "layer")}
+    inputs = _adder_inputs(fp, calib, config.range_search_images)
+    regrouped = 0
+    for name, stats in results["regroup"].layers.items():
+        layer, x = fp.get_submodule(name), inputs[name]
+        built = results["regroup"].model.get_submodule(name)
+        with torch.no_grad():
+            target = layer(x).double()
+            err = {scope: float((r.model.get_submodule(name).eval()(x).double() - target).square().sum())
+                   for scope, r in results.items()}
+            again = _quant_layer(layer, stats["r_x_groups"], config, stats["signed"], built.group_of).eval()
+            assert torch.equal(again(x), built(x))
+        assert err["regroup"] <= min(err["group"], err["layer"]) * (1 + 1e-9)
+        assert len(stats["r_x_groups"]) == len(stats["ranges"]) <= config.groups
+        regrouped += not torch.equal(built.group_of, results["group"].model.get_submodule(name).group_of)
+    assert regrouped > 0  # the errors did form other groups than max|W| somewhere
+    exportable = QuantConfig.ours_fast(4, range_search_scope="regroup", quantize_first_last=True)
+    _check_model(quantize(fp, calib, exportable).model, images[:2], numpy_images=1)
+
+
 def test_range_search_options_are_checked():
     with pytest.raises(ValueError, match="at least one candidate"):
         QuantConfig.paper(4, range_search=True, range_alphas=())
     with pytest.raises(ValueError, match=r"range_alphas must lie in \(0, 1\]"):
         QuantConfig.paper(4, range_search=True, range_alphas=(0.5, 1.5))
+    with pytest.raises(ValueError, match="range_search_scope"):
+        QuantConfig.paper(4, range_search=True, range_search_scope="channel")
     with pytest.raises(ValueError, match="choose one"):
         QuantConfig.paper(4, bn_correction="mean", bn_recalibration=10)
     with pytest.raises(ValueError, match="bn_correction"):

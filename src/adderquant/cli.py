@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 
 from .checkpoints import find_official_addernet
-from .quant.config import METHODS
+from .quant.config import METHODS, RANGE_SEARCH_SCOPES
 from .utils import CHECKPOINTS_ENV, DATA_ENV, json_dumps
 
 
@@ -250,6 +250,9 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
                    help="correct the float model's BatchNorm statistics for the quantization shift (any method)")
     p.add_argument("--range-search", action="store_true", default=None,
                    help="choose each adder layer's activation range by output MSE (any method on the uniform grid)")
+    p.add_argument("--range-search-scope", default=None, choices=RANGE_SEARCH_SCOPES,
+                   help="one activation range per adder layer, per weight group, or groups formed by the search "
+                        "(regroup) (ours: as chosen per width)")
     p.add_argument("--learned-rounding", type=int, default=None, metavar="N",
                    help="learn the adder weights' rounding, N iterations per block (any method; ours: 200 where "
                         "chosen)")
@@ -307,7 +310,7 @@ def _quantize_run(args):
     _device(args)
     overrides = {k: v for k, v in {"groups": args.groups, "alpha": args.alpha,
                                    "bn_recalibration": args.bn_recalibration, "bn_correction": args.bn_correction,
-                                   "range_search": args.range_search,
+                                   "range_search": args.range_search, "range_search_scope": args.range_search_scope,
                                    "learned_rounding": args.learned_rounding}.items() if v is not None}
     if args.quantize_first_last or args.export:
         overrides["quantize_first_last"] = True

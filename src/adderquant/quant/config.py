@@ -56,6 +56,12 @@ class QuantConfig:
     - ``range_search`` (beyond the paper): instead of one hand-set α, each adder layer's r_x is the
       percentile among ``range_alphas`` whose quantized layer (groups, shared scales, fold rebuilt)
       minimises the output MSE against the float layer on ``range_search_images`` calibration images.
+      ``range_search_scope="group"`` chooses it per weight group instead: a group's outputs depend only
+      on its own shared range, so the per-group choice minimises each group's share of that MSE and
+      never does worse than the per-layer one on it. ``"regroup"`` lets the errors form the groups too:
+      each output channel joins the group of the candidate range that serves it best, with at most
+      ``groups`` ranges per layer (the best subset of candidates, found exhaustively) — still one
+      shared scale per group, the groups no longer clustered by max|W|.
     - ``bn_correction`` (beyond the paper and the authors): keep the float model's BatchNorm statistics
       and correct each for the shift quantization causes in its input, measured against the float
       model on the same calibration images (``mean``, or ``mean_var`` for mean and scale;
@@ -91,6 +97,7 @@ class QuantConfig:
     range_search: bool = False  # choose each layer's r_x among range_alphas by output MSE
     range_alphas: tuple[float, ...] = (0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0)
     range_search_images: int = 64
+    range_search_scope: str = "layer"  # one r_x per adder layer, per weight "group", or groups formed by it ("regroup")
     learned_rounding: int = 0  # AdaRound iterations per block; 0 = off (quant/rounding.py)
     rounding_batch_size: int = 32
     rounding_lr: float = 1e-3
@@ -133,6 +140,9 @@ class QuantConfig:
                 raise ValueError("range_search chooses among percentiles on the uniform grid")
             if _not_int(self.range_search_images) or self.range_search_images < 1:
                 raise ValueError(f"range_search_images must be a positive integer, got {self.range_search_images!r}")
+        if self.range_search_scope not in RANGE_SEARCH_SCOPES:
+            raise ValueError(f"range_search_scope must be one of {RANGE_SEARCH_SCOPES}, "
+                             f"got {self.range_search_scope!r}")
         if self.bn_correction not in (None, "mean", "mean_var"):
             raise ValueError(f"bn_correction must be None, 'mean' or 'mean_var', got {self.bn_correction!r}")
         if self.bn_correction and self.bn_recalibration:
@@ -158,7 +168,7 @@ class QuantConfig:
     def ours_fast(cls, bits: int = 4, **overrides) -> QuantConfig:
         """The best preset without learned rounding — the fast path (one calibration pass, seconds):
         the paper's method on the unsigned grid plus, per bit width, the beyond-paper switches
-        (per-layer range search, BatchNorm correction or re-estimation) that kept the float model's
+        (range search per layer or per group, BatchNorm correction or re-estimation) that kept the float model's
         predictions best on held-out training images, never on the test set (``OURS_SWITCHES``;
         scripts/ptq_select.py, docs/results/ptq_select.md).
         Widths above 8 bits take the 8-bit choice."""
@@ -241,18 +251,18 @@ def check_bn_pad(pad) -> None:
 # mean KL from the float model on held-out training images over three calibration seeds
 # (scripts/ptq_select.py, docs/results/ptq_select.md; BN re-estimation: 50 batches of black-padded crops).
 OURS_SWITCHES: dict[int, dict] = {
-    8: {"range_search": True, "bn_correction": "mean"},
-    7: {"range_search": True, "bn_correction": "mean"},  # not measured: the 8- and 6-bit choices agree
+    8: {"range_search": True, "range_search_scope": "regroup", "bn_correction": "mean_var"},
+    7: {"range_search": True, "range_search_scope": "regroup", "bn_correction": "mean_var"},  # not measured: 8's
     6: {"range_search": True, "bn_correction": "mean"},
-    5: {"range_search": True, "bn_correction": "mean"},
-    4: {"range_search": True, "bn_correction": "mean_var"},
-    3: {"range_search": True, "bn_recalibration": 50},
+    5: {"range_search": True, "range_search_scope": "regroup", "bn_correction": "mean_var"},
+    4: {"range_search": True, "range_search_scope": "group", "bn_correction": "mean_var"},
+    3: {"range_search": True, "range_search_scope": "regroup", "bn_recalibration": 50},
     2: {"range_search": True, "bn_correction": "mean_var"},
 }
 
 # Learned-rounding iterations per block that ``QuantConfig.ours`` adds to ``OURS_SWITCHES``: the widths
 # where ``ours-fast`` + learned rounding had the lower mean held-out KL in the same run.
-OURS_ROUNDING: dict[int, int] = {8: 200, 7: 200, 6: 200, 4: 200, 3: 200}  # 7: not measured, as above
+OURS_ROUNDING: dict[int, int] = {6: 200, 3: 200}
 
 
 def _ours_width(bits: int) -> int:
@@ -273,6 +283,7 @@ def check_rounding_options(iters, batch_size, lr) -> None:
         raise ValueError("; ".join(problems))
 
 
+RANGE_SEARCH_SCOPES = ("layer", "group", "regroup")
 QSSF_OVERRIDES = {"quantize_first_last", "first_last_bits", "bn_recalibration", "bn_momentum", "bn_batch_size",
                   "bn_pad", "bn_correction", "learned_rounding", "rounding_batch_size", "rounding_lr"}
 

@@ -5,9 +5,15 @@ Eq. 15 is found exactly by dynamic programming over the sorted values (optimal 1
 one dimension an optimal cluster is always a contiguous run of the sorted values. That is
 deterministic and provably optimal, unlike randomly initialised k-means. The ``all`` feature
 (every weight of the channel) is clustered with seeded k-means++ / Lloyd.
+
+:func:`error_groups` groups by what the channels need instead of what their weights look like: the
+range search's ``range_search_scope="regroup"`` hands it each channel's output error under every
+candidate activation range.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -114,3 +120,17 @@ def clustering_cost(values: torch.Tensor, labels: torch.Tensor) -> float:
     """Eq. 15: Σ_j Σ_{c∈I_j} |f_c − μ_j|²."""
     v = values.to(torch.float64)
     return float(sum(((v[labels == k] - v[labels == k].mean()) ** 2).sum() for k in torch.unique(labels)))
+
+
+def error_groups(errors: torch.Tensor, groups: int) -> tuple[list[int], torch.Tensor]:
+    """Channels grouped by the range that serves them best. ``errors[a, c]`` is output channel c's
+    error under candidate range a; of the at most ``groups`` candidates whose per-channel minimum sums
+    lowest — every subset tried, so exact for the candidates given — each channel takes its best.
+    Returns the candidates in use (ascending index, one per group) and the labels 0..g'-1 (a candidate
+    no channel picks is dropped). Ties go to the earlier subset and the earlier candidate."""
+    e = errors.detach().to(torch.float64)
+    k = min(groups, e.shape[0])
+    subset = min(itertools.combinations(range(e.shape[0]), k), key=lambda s: float(e[list(s)].amin(0).sum()))
+    pick = [subset[i] for i in e[list(subset)].argmin(0).tolist()]
+    used = sorted(set(pick))
+    return used, torch.tensor([used.index(a) for a in pick], dtype=torch.long)

@@ -21,7 +21,7 @@ from .adder_layer import QuantAdderConv2d
 from .bn import correct_bn, reestimate_bn
 from .config import QSSF_OVERRIDES, QuantConfig
 from .first_last import QuantFirstLast
-from .grouping import group_channels
+from .grouping import error_groups, group_channels
 from .observers import AbsRangeObserver
 from .rounding import learn_rounding
 from .uniform import int_range, scale_for_range
@@ -214,8 +214,11 @@ def check_adder_model(model: nn.Module, config: QuantConfig) -> None:
         raise ValueError(f"bn_pad has {len(config.bn_pad)} values, the model takes {first.in_channels} input channels")
 
 
-def layer_parameters(weight: torch.Tensor, r_x: float, config: QuantConfig, signed: bool = True):
-    """Groups, per-group shared ranges and the clamp bias for one adder layer (Sec. 3.1–3.2).
+def layer_parameters(weight: torch.Tensor, r_x: float | list[float], config: QuantConfig, signed: bool = True,
+                     group_of: torch.Tensor | None = None):
+    """Groups, per-group shared ranges and the clamp bias for one adder layer (Sec. 3.1–3.2); ``r_x`` is
+    the layer's activation range, or one per group (``range_search_scope="group"``); ``group_of``
+    (a label per output channel) replaces the clustering (``range_search_scope="regroup"``).
 
     The weight clamp folds ``-Σ dist(W_c, [q_n·s_j, q_p·s_j])`` into the bias: Theorem 1 for the
     interval the quantized activations actually occupy. The paper's literal ``[-r_x, r_x]`` is not
@@ -223,11 +226,13 @@ def layer_parameters(weight: torch.Tensor, r_x: float, config: QuantConfig, sign
     would leave a per-channel constant error that BatchNorm amplifies (see docs/quantization.md).
     """
     w = weight.detach().to(torch.float64)
-    group_of = group_channels(w, config.groups, config.group_feature)
+    if group_of is None:
+        group_of = group_channels(w, config.groups, config.group_feature)
     ranges = []
     for j in range(int(group_of.max()) + 1):
         r_w = float(w[group_of == j].abs().max())
-        r = {"min": min(r_w, r_x), "weights": r_w, "activations": r_x}[config.scale_source]
+        r_xj = r_x[j] if isinstance(r_x, list) else r_x
+        r = {"min": min(r_w, r_xj), "weights": r_w, "activations": r_xj}[config.scale_source]
         ranges.append(max(r, 1e-8))
     ranges = torch.tensor(ranges, dtype=torch.float32)  # the layer's buffer: scales derive from it
     clamp_bias = None
@@ -239,7 +244,8 @@ def layer_parameters(weight: torch.Tensor, r_x: float, config: QuantConfig, sign
     return w.to(weight.dtype), group_of, ranges, clamp_bias
 
 
-def fold_interval(ranges: torch.Tensor, group_of: torch.Tensor, r_x: float, config: QuantConfig, signed: bool):
+def fold_interval(ranges: torch.Tensor, group_of: torch.Tensor, r_x: float | list[float], config: QuantConfig,
+                  signed: bool):
     """Per output channel ``(lo, hi)`` (float64, shape (O, 1, 1, 1)) the weight clamp folds into, or
     ``None`` without the clamp: the grid's representable edges, the paper's literal ``[-r_x, r_x]``
     (``[0, r_x]`` unsigned), or ``[-r_j, r_j]`` for APoT levels."""
@@ -252,12 +258,14 @@ def fold_interval(ranges: torch.Tensor, group_of: torch.Tensor, r_x: float, conf
         return (-r_c if signed else 0 * r_c), r_c
     if config.clamp_to == "representable":
         return qn * s, qp * s
-    return (-r_x if signed else 0.0) + 0 * s, r_x + 0 * s  # the paper's [-r_x, r_x], for the ablation
+    r_c = torch.tensor(r_x, dtype=torch.float64)[group_of].view(-1, 1, 1, 1) if isinstance(r_x, list) else r_x
+    return (-r_c if signed else 0.0) + 0 * s, r_c + 0 * s  # the paper's [-r_x, r_x], for the ablation
 
 
-def _quant_layer(module: AdderConv2d, r_x: float, config: QuantConfig, signed: bool) -> QuantAdderConv2d:
+def _quant_layer(module: AdderConv2d, r_x: float | list[float], config: QuantConfig, signed: bool,
+                 group_of: torch.Tensor | None = None) -> QuantAdderConv2d:
     double = config.weight_grid == "double_step"
-    w, group_of, ranges, bias = layer_parameters(module.weight, r_x, config, signed or double)
+    w, group_of, ranges, bias = layer_parameters(module.weight, r_x, config, signed or double, group_of)
     return QuantAdderConv2d(w, module.stride, module.padding, module.dilation, bits=config.bits,
                             group_of=group_of, ranges=ranges, clamp_bias=bias,
                             clamp_interval=fold_interval(ranges, group_of, r_x, config, signed or double),
@@ -278,19 +286,40 @@ def _adder_inputs(model: nn.Module, calib, images: int) -> dict[str, torch.Tenso
 
 @torch.no_grad()
 def search_range(module: AdderConv2d, x: torch.Tensor, obs: AbsRangeObserver, config: QuantConfig,
-                 signed: bool) -> tuple[float, dict[float, float]]:
+                 signed: bool) -> tuple[float | list[float], torch.Tensor | None, dict]:
     """The activation range r_x, among the observer's percentiles at ``config.range_alphas``, whose
     quantized layer — groups, shared scales and the Theorem-1 fold all rebuilt for that r_x — gives the
-    smallest mean squared error against the full-precision layer's output on ``x``. Returns it and the
-    error of every candidate (by α)."""
+    smallest mean squared error against the full-precision layer's output on ``x``. Returns it, the
+    group labels (``None``: the clustering's) and the error of every candidate (by α).
+
+    ``range_search_scope="group"``: one r_x per weight group (a list, by group index), each the
+    candidate with the smallest squared error summed over the group's own output channels — exact per
+    group, because a group's outputs depend on its shared range alone. ``"regroup"``: the groups
+    themselves follow the errors — at most ``config.groups`` candidates, each channel in the group of
+    the one that serves it best (:func:`~adderquant.quant.grouping.error_groups`). The report then
+    holds each group's chosen α under ``"group_alphas"``."""
     target = module(x)
-    errors, best = {}, None
-    for alpha in config.range_alphas:
-        r_x = obs.percentile(alpha) if alpha < 1 else obs.max
-        errors[alpha] = err = float((_quant_layer(module, r_x, config, signed).eval()(x) - target).square().mean())
-        if best is None or err < errors[best[0]]:
-            best = (alpha, r_x)
-    return best[1], errors
+    alphas = list(config.range_alphas)
+    candidates = [obs.percentile(a) if a < 1 else obs.max for a in alphas]
+    errors, best, per_channel, group_of = {}, 0, [], None
+    for i, (alpha, r_x) in enumerate(zip(alphas, candidates, strict=True)):
+        layer = _quant_layer(module, r_x, config, signed).eval()
+        squared = (layer(x) - target).square()
+        errors[alpha] = float(squared.mean())
+        best = i if errors[alpha] < errors[alphas[best]] else best
+        per_channel.append(squared.double().sum((0, 2, 3)))
+        group_of = layer.group_of
+    if config.range_search_scope == "layer":
+        return candidates[best], None, errors
+    per_channel = torch.stack(per_channel)  # (candidates, output channels)
+    if config.range_search_scope == "group":
+        groups = torch.zeros(len(alphas), int(group_of.max()) + 1, dtype=torch.float64)
+        chosen = groups.index_add_(1, group_of, per_channel).argmin(0).tolist()  # ties: the first candidate
+        group_of = None
+    else:
+        chosen, group_of = error_groups(per_channel, config.groups)
+    errors["group_alphas"] = [alphas[i] for i in chosen]
+    return [candidates[i] for i in chosen], group_of, errors
 
 
 def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int = 256, progress: bool = False,
@@ -364,11 +393,13 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
             double = config.weight_grid == "double_step"  # unsigned activations, signed weights at 2·s
             signed = False if double else not (config.unsigned_activations and obs.min >= 0)
             if config.range_search:
-                r_x, searched = search_range(module, inputs[name], obs, config, signed)
+                r_x, group_of, searched = search_range(module, inputs[name], obs, config, signed)
             else:
-                r_x, searched = obs.range(config.act_clamp, config.act_clamp_mode, config.alpha), None
-            new = _quant_layer(module, r_x, config, signed)
-            stats[name] = {"r_x": r_x, "max_abs_x": obs.max, "signed": signed, "ranges": new.ranges.tolist(),
+                r_x, group_of, searched = obs.range(config.act_clamp, config.act_clamp_mode, config.alpha), None, None
+            new = _quant_layer(module, r_x, config, signed, group_of)
+            per_group = r_x if isinstance(r_x, list) else None
+            stats[name] = {"r_x": max(per_group) if per_group else r_x, "r_x_groups": per_group,
+                           "max_abs_x": obs.max, "signed": signed, "ranges": new.ranges.tolist(),
                            "max_abs_w": float(module.weight.detach().abs().max()), "range_search": searched}
         else:
             new = QuantFirstLast(module, obs.max, config.first_last_bits)
