@@ -174,7 +174,8 @@ def markdown(data: dict) -> str:
     lines += ["", "`qssf` = the better of QSSF-w/-a on the calibration images; `paper-unsigned` = the paper's "
               "method on the unsigned grid (called `ours` before); `ours-fast` = `QuantConfig.ours_fast`, the "
               "fast path (rows recorded before the split carry the name `ours`); `ours` = `QuantConfig.ours`, "
-              "ours-fast plus learned rounding where it was chosen (see docs/quantization.md and `ptq_select.md`). BN "
+              "the best set measured on held-out images, with or without learned rounding (see "
+              "docs/quantization.md and `ptq_select.md`). BN "
               "re-estimation (`authors`, the ablation) pads its crops with black (`bn_pad`, the training pipeline's "
               "padding); the last ablation row pads with the mean colour, as it did before.", "",
               "## Each new switch alone (on the paper's method; calibration seed 0 only)", "",

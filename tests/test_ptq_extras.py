@@ -22,7 +22,7 @@ from adderquant.models.resnet_cifar import CifarResNet
 from adderquant.nn import AdderConv2d
 from adderquant.quant import QuantAdderConv2d, QuantConfig, preset, quantize
 from adderquant.quant.bn import reestimate_bn
-from adderquant.quant.config import METHODS
+from adderquant.quant.config import FINE_RANGE_ALPHAS, METHODS
 from adderquant.quant.first_last import QuantFirstLast
 from adderquant.quant.observers import AbsRangeObserver, batch_percentile_index
 from adderquant.quant.ptq import calibrate, layer_parameters
@@ -213,21 +213,31 @@ SWITCHES = {"paper-unsigned": {}, "+bn-mean": {"bn_correction": "mean"}, "+bn-me
 SWITCHES.update({f"+{scope}-{name[1:]}": {**SWITCHES[name], "range_search_scope": scope}
                  for scope in ("group", "regroup")
                  for name in ("+search+bn-mean", "+search+bn-mean-var", "+search+bn-reestimate")})
+SWITCHES.update({f"+regroup-fine-{name[9:]}": {**SWITCHES[name], "range_alphas": FINE_RANGE_ALPHAS}
+                 for name in ("+regroup-search+bn-mean-var", "+regroup-search+bn-reestimate")})
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_ours_presets_encode_the_committed_held_out_choices(bits):
-    """``ours-fast`` is the switch set ptq_select.json chose at this width; ``ours`` adds 200 learned-rounding
-    iterations exactly where the same file chose them — the presets cannot drift from the measurement
-    that justifies them."""
+    """``ours-fast`` is the fast switch set ptq_select.json chose at this width; ``ours`` is the set, with
+    or without 200 learned-rounding iterations, with the lowest mean held-out KL of every row measured
+    at this width (recomputed here from the rows) — the presets cannot drift from the measurement that
+    justifies them."""
     chosen = json.loads((RESULTS / "ptq_select.json").read_text())
     fast_pick, pick = chosen["chosen_fast"][str(bits)], chosen["chosen"][str(bits)]
+    kl = {}
+    for row in chosen["rows"]:
+        if row["bits"] == bits:
+            kl.setdefault(row["candidate"], []).append(row["held_out_kl"])
+    mean = {name: sum(v) / len(v) for name, v in kl.items()}
+    assert mean[pick] == min(mean.values())
+    assert mean[fast_pick] == min(v for name, v in mean.items() if not name.endswith("+rounding"))
     base = QuantConfig(bits=bits, unsigned_activations=True)
     fast = QuantConfig.ours_fast(bits)
     assert fast == base.with_(method="ours-fast", **SWITCHES[fast_pick]) and fast.learned_rounding == 0
-    assert pick in (fast_pick, f"{fast_pick}+rounding")
     rounding = 200 if pick.endswith("+rounding") else 0
-    assert QuantConfig.ours(bits) == fast.with_(method="ours", learned_rounding=rounding)
+    best = base.with_(method="ours", **SWITCHES[pick.removesuffix("+rounding")], learned_rounding=rounding)
+    assert QuantConfig.ours(bits) == best
     assert preset("ours", bits) == QuantConfig.ours(bits) and preset("ours-fast", bits) == fast
 
 

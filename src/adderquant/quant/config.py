@@ -168,7 +168,8 @@ class QuantConfig:
     def ours_fast(cls, bits: int = 4, **overrides) -> QuantConfig:
         """The best preset without learned rounding — the fast path (one calibration pass, seconds):
         the paper's method on the unsigned grid plus, per bit width, the beyond-paper switches
-        (range search per layer or per group, BatchNorm correction or re-estimation) that kept the float model's
+        (range search per layer, per group or forming the groups, BatchNorm correction or re-estimation)
+        that kept the float model's
         predictions best on held-out training images, never on the test set (``OURS_SWITCHES``;
         scripts/ptq_select.py, docs/results/ptq_select.md).
         Widths above 8 bits take the 8-bit choice."""
@@ -177,11 +178,11 @@ class QuantConfig:
 
     @classmethod
     def ours(cls, bits: int = 4, **overrides) -> QuantConfig:
-        """The best preset measured: ``ours_fast`` plus learned rounding at the widths where the same
-        held-out rule chose it (``OURS_ROUNDING``; docs/results/ptq_select.md). Learned rounding costs
-        tens of seconds per ResNet-20 on a CPU, hence the separate fast preset."""
-        rounding = {"learned_rounding": OURS_ROUNDING.get(_ours_width(bits), 0)}
-        return cls.ours_fast(bits, **{**rounding, **overrides}).with_(method="ours")
+        """The best preset measured: per width, the switch set — with or without learned rounding —
+        with the lowest held-out KL of every set measured (``OURS_BEST``; docs/results/ptq_select.md).
+        Learned rounding costs tens of seconds per ResNet-20 on a CPU, hence the separate fast preset."""
+        return cls(bits=bits, method="ours", **{"unsigned_activations": True,
+                                                 **OURS_BEST[_ours_width(bits)], **overrides})
 
     @classmethod
     def qssf(cls, source: str = "weights", bits: int = 4, **overrides) -> QuantConfig:
@@ -247,22 +248,34 @@ def check_bn_pad(pad) -> None:
                          f"got {pad!r}")
 
 
+# Nine candidate percentiles instead of the default six, for the groups formed by the search (which can
+# use more); all ≥ 0.99, the smallest percentile scripts/ptq_select.py's observers keep.
+FINE_RANGE_ALPHAS = (0.99, 0.993, 0.995, 0.997, 0.998, 0.999, 0.9995, 0.9999, 1.0)
+
 # What ``QuantConfig.ours_fast`` adds to the unsigned grid at each width: the fast candidate with the lowest
 # mean KL from the float model on held-out training images over three calibration seeds
 # (scripts/ptq_select.py, docs/results/ptq_select.md; BN re-estimation: 50 batches of black-padded crops).
 OURS_SWITCHES: dict[int, dict] = {
     8: {"range_search": True, "range_search_scope": "regroup", "bn_correction": "mean_var"},
     7: {"range_search": True, "range_search_scope": "regroup", "bn_correction": "mean_var"},  # not measured: 8's
-    6: {"range_search": True, "bn_correction": "mean"},
+    6: {"range_search": True, "range_search_scope": "regroup", "range_alphas": FINE_RANGE_ALPHAS,
+        "bn_correction": "mean_var"},
     5: {"range_search": True, "range_search_scope": "regroup", "bn_correction": "mean_var"},
     4: {"range_search": True, "range_search_scope": "group", "bn_correction": "mean_var"},
-    3: {"range_search": True, "range_search_scope": "regroup", "bn_recalibration": 50},
-    2: {"range_search": True, "bn_correction": "mean_var"},
+    3: {"range_search": True, "range_search_scope": "regroup", "range_alphas": FINE_RANGE_ALPHAS,
+        "bn_correction": "mean_var"},
+    2: {"range_search": True, "range_search_scope": "regroup", "range_alphas": FINE_RANGE_ALPHAS,
+        "bn_recalibration": 50},
 }
 
-# Learned-rounding iterations per block that ``QuantConfig.ours`` adds to ``OURS_SWITCHES``: the widths
-# where ``ours-fast`` + learned rounding had the lower mean held-out KL in the same run.
-OURS_ROUNDING: dict[int, int] = {6: 200, 3: 200}
+# What ``QuantConfig.ours`` adds at each width: the set, with or without learned rounding (200 iterations
+# per block), with the lowest mean held-out KL of every set scripts/ptq_select.py measured at that width.
+OURS_BEST: dict[int, dict] = {
+    **{bits: OURS_SWITCHES[bits] for bits in (8, 7, 5, 4)},
+    6: {"range_search": True, "bn_correction": "mean", "learned_rounding": 200},
+    3: {**OURS_SWITCHES[3], "learned_rounding": 200},
+    2: {**OURS_SWITCHES[2], "learned_rounding": 200},
+}
 
 
 def _ours_width(bits: int) -> int:
