@@ -29,8 +29,8 @@ from adderquant.checkpoints import find_official_addernet, load
 from adderquant.data import calibration_indices, load_dataset, normalize
 from adderquant.nn import AdderConv2d
 from adderquant.quant.config import QuantConfig
-from adderquant.quant.grouping import error_groups
-from adderquant.quant.ptq import _adder_inputs, _quant_layer, calibrate
+from adderquant.quant.grouping import error_groups, per_group_errors
+from adderquant.quant.ptq import _adder_inputs, calibrate, candidate_errors, grid_signed
 
 ROOT = Path(__file__).resolve().parents[1]
 SCOPES = ("layer", "group", "regroup", "per channel (bound)")
@@ -47,19 +47,12 @@ def layer_errors(model, calib, bits: int) -> dict[str, dict[str, float]]:
         module = model.get_submodule(name)
         if not isinstance(module, AdderConv2d):
             continue
-        x, target = inputs[name], module(inputs[name])
-        per_channel, group_of = [], None
-        for alpha in config.range_alphas:
-            layer = _quant_layer(module, obs.percentile(alpha) if alpha < 1 else obs.max, config,
-                                 signed=obs.min < 0).eval()
-            per_channel.append((layer(x) - target).double().square().sum((0, 2, 3)))
-            group_of = layer.group_of
-        e = torch.stack(per_channel)  # (candidates, channels)
+        _, _, e, group_of = candidate_errors(module, inputs[name], obs, config, grid_signed(config, obs))
         used, labels = error_groups(e, config.groups)
-        grouped = torch.zeros(len(e), int(group_of.max()) + 1, dtype=torch.float64).index_add_(1, group_of, e)
-        totals = (float(e.sum(1).min()), float(grouped.amin(0).sum()),
+        totals = (float(e.sum(1).min()), float(per_group_errors(e, group_of).amin(0).sum()),
                   float(e[torch.tensor(used)[labels], torch.arange(e.shape[1])].sum()), float(e.amin(0).sum()))
-        out[name] = {scope: t / target.numel() for scope, t in zip(SCOPES, totals, strict=True)}
+        elements = module(inputs[name][:1]).numel() * len(inputs[name])  # output elements
+        out[name] = {scope: t / elements for scope, t in zip(SCOPES, totals, strict=True)}
     return out
 
 

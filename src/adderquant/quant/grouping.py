@@ -122,6 +122,12 @@ def clustering_cost(values: torch.Tensor, labels: torch.Tensor) -> float:
     return float(sum(((v[labels == k] - v[labels == k].mean()) ** 2).sum() for k in torch.unique(labels)))
 
 
+def per_group_errors(errors: torch.Tensor, group_of: torch.Tensor) -> torch.Tensor:
+    """``errors`` (candidates × channels) summed over each group's channels: candidates × groups."""
+    out = torch.zeros(errors.shape[0], int(group_of.max()) + 1, dtype=errors.dtype, device=errors.device)
+    return out.index_add_(1, group_of, errors)
+
+
 def error_groups(errors: torch.Tensor, groups: int) -> tuple[list[int], torch.Tensor]:
     """Channels grouped by the range that serves them best. ``errors[a, c]`` is output channel c's
     error under candidate range a; of the at most ``groups`` candidates whose per-channel minimum sums

@@ -21,7 +21,7 @@ from .adder_layer import QuantAdderConv2d
 from .bn import correct_bn, reestimate_bn
 from .config import QSSF_OVERRIDES, QuantConfig
 from .first_last import QuantFirstLast
-from .grouping import error_groups, group_channels
+from .grouping import error_groups, group_channels, per_group_errors
 from .observers import AbsRangeObserver
 from .rounding import learn_rounding
 from .uniform import int_range, scale_for_range
@@ -284,7 +284,31 @@ def _adder_inputs(model: nn.Module, calib, images: int) -> dict[str, torch.Tenso
     return seen
 
 
+def grid_signed(config: QuantConfig, obs: AbsRangeObserver) -> bool:
+    """Whether an adder layer's quantized grid is signed: the authors' double step puts unsigned
+    activations against signed weights; otherwise signed unless the unsigned grid is on and the
+    calibration inputs were all ≥ 0."""
+    return False if config.weight_grid == "double_step" else not (config.unsigned_activations and obs.min >= 0)
+
+
 @torch.no_grad()
+def candidate_errors(module: AdderConv2d, x: torch.Tensor, obs: AbsRangeObserver, config: QuantConfig,
+                     signed: bool) -> tuple[list[float], list[float], torch.Tensor, torch.Tensor]:
+    """The layer quantized at each candidate range (the observer's percentiles at ``config.range_alphas``)
+    against the float layer on ``x``: the ranges, the output MSE of each, each output channel's summed
+    squared error (float64, candidates × channels) and the k-means group labels the candidates share."""
+    target = module(x)
+    ranges = [obs.percentile(a) if a < 1 else obs.max for a in config.range_alphas]
+    mse, per_channel, group_of = [], [], None
+    for r_x in ranges:
+        layer = _quant_layer(module, r_x, config, signed).eval()
+        squared = (layer(x) - target).square()
+        mse.append(float(squared.mean()))
+        per_channel.append(squared.double().sum((0, 2, 3)))
+        group_of = layer.group_of
+    return ranges, mse, torch.stack(per_channel), group_of
+
+
 def search_range(module: AdderConv2d, x: torch.Tensor, obs: AbsRangeObserver, config: QuantConfig,
                  signed: bool) -> tuple[float | list[float], torch.Tensor | None, dict]:
     """The activation range r_x, among the observer's percentiles at ``config.range_alphas``, whose
@@ -298,28 +322,18 @@ def search_range(module: AdderConv2d, x: torch.Tensor, obs: AbsRangeObserver, co
     themselves follow the errors — at most ``config.groups`` candidates, each channel in the group of
     the one that serves it best (:func:`~adderquant.quant.grouping.error_groups`). The report then
     holds each group's chosen α under ``"group_alphas"``."""
-    target = module(x)
     alphas = list(config.range_alphas)
-    candidates = [obs.percentile(a) if a < 1 else obs.max for a in alphas]
-    errors, best, per_channel, group_of = {}, 0, [], None
-    for i, (alpha, r_x) in enumerate(zip(alphas, candidates, strict=True)):
-        layer = _quant_layer(module, r_x, config, signed).eval()
-        squared = (layer(x) - target).square()
-        errors[alpha] = float(squared.mean())
-        best = i if errors[alpha] < errors[alphas[best]] else best
-        per_channel.append(squared.double().sum((0, 2, 3)))
-        group_of = layer.group_of
+    ranges, mse, per_channel, group_of = candidate_errors(module, x, obs, config, signed)
+    errors = dict(zip(alphas, mse, strict=True))
     if config.range_search_scope == "layer":
-        return candidates[best], None, errors
-    per_channel = torch.stack(per_channel)  # (candidates, output channels)
+        return ranges[min(range(len(mse)), key=mse.__getitem__)], None, errors  # ties: the first candidate
     if config.range_search_scope == "group":
-        groups = torch.zeros(len(alphas), int(group_of.max()) + 1, dtype=torch.float64)
-        chosen = groups.index_add_(1, group_of, per_channel).argmin(0).tolist()  # ties: the first candidate
+        chosen = per_group_errors(per_channel, group_of).argmin(0).tolist()  # ties: the first candidate
         group_of = None
     else:
         chosen, group_of = error_groups(per_channel, config.groups)
     errors["group_alphas"] = [alphas[i] for i in chosen]
-    return [candidates[i] for i in chosen], group_of, errors
+    return [ranges[i] for i in chosen], group_of, errors
 
 
 def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int = 256, progress: bool = False,
@@ -390,8 +404,7 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
         if not isinstance(module, AdderConv2d) and not config.quantize_first_last:
             continue
         if isinstance(module, AdderConv2d):
-            double = config.weight_grid == "double_step"  # unsigned activations, signed weights at 2·s
-            signed = False if double else not (config.unsigned_activations and obs.min >= 0)
+            signed = grid_signed(config, obs)
             if config.range_search:
                 r_x, group_of, searched = search_range(module, inputs[name], obs, config, signed)
             else:
