@@ -51,6 +51,8 @@ def ablations(bits: int) -> dict:
             "+ range search per group": QuantConfig.paper(bits, range_search=True, range_search_scope="group"),
             "+ range search, groups formed by it": QuantConfig.paper(bits, range_search=True,
                                                                      range_search_scope="regroup"),
+            "+ range search, groups formed by it, centered error": QuantConfig.paper(
+                bits, range_search=True, range_search_scope="regroup", range_search_metric="centered"),
             "+ BN re-estimation (200 batches)": QuantConfig.paper(bits, bn_recalibration=200),
             "+ BN re-estimation, crops padded with the mean colour": QuantConfig.paper(bits, bn_recalibration=200,
                                                                                       bn_pad="zero"),
@@ -177,7 +179,7 @@ def markdown(data: dict) -> str:
               "the best set measured on held-out images, with or without learned rounding (see "
               "docs/quantization.md and `ptq_select.md`). BN "
               "re-estimation (`authors`, the ablation) pads its crops with black (`bn_pad`, the training pipeline's "
-              "padding); the last ablation row pads with the mean colour, as it did before.", "",
+              "padding); the ablation row that says so pads with the mean colour, as it did before.", "",
               "## Each new switch alone (on the paper's method; calibration seed 0 only)", "",
               "| switch | " + " | ".join(f"{b}-bit" for b in ABLATION_BITS) + " |",
               "|---|" + "---|" * len(ABLATION_BITS)]

@@ -11,11 +11,12 @@ images and gets 99.3 % of them right, so top-1 moves in steps of a few images ne
 boundary, while PTQ's job is to keep the float model's function, which the KL measures on every
 image. Top-1, cross-entropy and the number of changed predictions are recorded too.
 
-Two stages per width: the fast candidates (`ours-fast` is the winner), then that winner plus learned
-rounding (200 iterations per block); `ours` is the lowest mean KL among every set measured at the
-width — the fast candidates and each with learned rounding that a run (this one or an earlier one
-whose rows the JSON keeps) measured. The JSON is rewritten after every row and read back on start, so
-an interrupted run continues and new candidates add to the old.
+Three stages per width: the fast candidates (`ours-fast` is the winner), then that winner plus learned
+rounding (200 iterations per block), then at 4 and 3 bits the slow candidates (the KL range search);
+`ours` is the lowest mean KL among every set measured at the width — the fast and slow candidates and
+each with learned rounding that a run (this one or an earlier one whose rows the JSON keeps) measured.
+The JSON is rewritten after every row and read back on start, so an interrupted run continues and new
+candidates add to the old.
 
     python scripts/ptq_select.py --data ../shared/data/cifar10     # docs/results/ptq_select.{json,md}
 """
@@ -67,7 +68,23 @@ FAST = {
                                          "range_alphas": FINE_RANGE_ALPHAS, "bn_correction": "mean_var"},
     "+regroup-fine-search+bn-reestimate": {"range_search": True, "range_search_scope": "regroup",
                                            "range_alphas": FINE_RANGE_ALPHAS, "bn_recalibration": 50},
+    # other search criteria (range_search_metric), added fifth: the MSE less each channel's mean error
+    # (what the BatchNorm correction removes), and the MSE weighted by the prediction's sensitivity
+    "+regroup-centered-search+bn-mean-var": {"range_search": True, "range_search_scope": "regroup",
+                                             "range_search_metric": "centered", "bn_correction": "mean_var"},
+    "+regroup-fine-centered-search+bn-mean-var": {"range_search": True, "range_search_scope": "regroup",
+                                                  "range_alphas": FINE_RANGE_ALPHAS, "range_search_metric": "centered",
+                                                  "bn_correction": "mean_var"},
+    "+regroup-fisher-search+bn-mean-var": {"range_search": True, "range_search_scope": "regroup",
+                                           "range_search_metric": "fisher", "bn_correction": "mean_var"},
 }
+
+# slow candidates (minutes each, not for the fast path), measured at SLOW_BITS only; they compete for `ours`
+SLOW = {
+    "+group-kl-search+bn-mean-var": {"range_search": True, "range_search_scope": "group", "range_search_metric": "kl",
+                                     "bn_correction": "mean_var"},
+}
+SLOW_BITS = (4, 3)
 
 
 @torch.no_grad()
@@ -92,10 +109,13 @@ def held_out_indices(n_train: int, calib_sets: list[torch.Tensor], n: int) -> to
 
 
 def pick(rows: list[dict], bits: int, names) -> str:
-    """The candidate with the lowest mean held-out KL at ``bits`` (ties: the first named)."""
-    def mean_kl(name):
-        return statistics.mean(r["held_out_kl"] for r in rows if r["bits"] == bits and r["candidate"] == name)
-    return min(names, key=mean_kl)
+    """The candidate with the lowest mean held-out KL at ``bits`` among ``names`` measured there (ties: the
+    first named)."""
+    kl = {}
+    for r in rows:
+        if r["bits"] == bits and r["candidate"] in names:
+            kl.setdefault(r["candidate"], []).append(r["held_out_kl"])
+    return min((n for n in names if n in kl), key=lambda n: statistics.mean(kl[n]))
 
 
 def main(argv=None) -> int:
@@ -157,9 +177,13 @@ def main(argv=None) -> int:
         rounded = f"{fast}+rounding"
         for seed in SEEDS:
             measure(seed, bits, rounded, base.with_(**FAST[fast], learned_rounding=ROUNDING))
+        if bits in SLOW_BITS:
+            for seed in SEEDS:
+                for name, switches in SLOW.items():
+                    measure(seed, bits, name, base.with_(**switches))
         with_rounding = list(dict.fromkeys(r["candidate"] for r in rows
                                            if r["bits"] == bits and r["candidate"].endswith("+rounding")))
-        out["chosen"][bits] = pick(rows, bits, [*FAST, *with_rounding])  # every set measured at this width
+        out["chosen"][bits] = pick(rows, bits, [*FAST, *SLOW, *with_rounding])  # every set measured at this width
     json_path.write_text(json.dumps(out, indent=1))
     Path(args.out + ".md").write_text(markdown(out))
     print(f"wrote {args.out}.json and .md; ours-fast: {out['chosen_fast']}; ours: {out['chosen']}")
@@ -169,8 +193,8 @@ def main(argv=None) -> int:
 def markdown(out: dict) -> str:
     rows = out["rows"]
     bits_list = sorted({r["bits"] for r in rows}, reverse=True)
-    names = list(dict.fromkeys(r["candidate"] for r in rows if not r["candidate"].endswith("+rounding")))
-    names += list(dict.fromkeys(r["candidate"] for r in rows if r["candidate"].endswith("+rounding")))
+    names = [n for n in dict.fromkeys(r["candidate"] for r in rows) if n in FAST]
+    names += [n for n in dict.fromkeys(r["candidate"] for r in rows) if n not in FAST]
     chosen = {int(b): c for b, c in out["chosen"].items()}
     fast = {int(b): c for b, c in out["chosen_fast"].items()}
     fp = out["fp_held_out"]
@@ -193,8 +217,11 @@ def markdown(out: dict) -> str:
              f"(loss {fp['loss']:.4f}). The test set plays no part. Rule: {out['rule']}. Each cell: "
              "mean ± std of the KL over the seeds (mean top-1; mean number of the 2000 predictions that differ "
              "from the float model's). *Italic* = `ours-fast` (best fast candidate), **bold** = `ours` (the "
-             "lowest of every row at the width: the fast candidates, and those with learned rounding "
-             "(200 iterations per block) that a selection run measured for its fast winner).", "",
+             "lowest of every row at the width: the fast candidates, those with learned rounding "
+             "(200 iterations per block) that a selection run measured for its fast winner, and the slow "
+             f"candidates, measured at {' and '.join(map(str, SLOW_BITS))} bits). `centered`, `fisher` and `kl` "
+             "name the range search's criterion (`range_search_metric`; the others use the layer's output MSE).",
+             "",
              "| candidate | " + " | ".join(f"{b}-bit" for b in bits_list) + " |",
              "|---|" + "---|" * len(bits_list)]
     for name in names:

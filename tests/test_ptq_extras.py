@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -215,6 +216,11 @@ SWITCHES.update({f"+{scope}-{name[1:]}": {**SWITCHES[name], "range_search_scope"
                  for name in ("+search+bn-mean", "+search+bn-mean-var", "+search+bn-reestimate")})
 SWITCHES.update({f"+regroup-fine-{name[9:]}": {**SWITCHES[name], "range_alphas": FINE_RANGE_ALPHAS}
                  for name in ("+regroup-search+bn-mean-var", "+regroup-search+bn-reestimate")})
+SWITCHES.update({name.replace("-search", f"-{metric}-search"): {**SWITCHES[name], "range_search_metric": metric}
+                 for name, metric in (("+regroup-search+bn-mean-var", "centered"),
+                                      ("+regroup-fine-search+bn-mean-var", "centered"),
+                                      ("+regroup-search+bn-mean-var", "fisher"),
+                                      ("+group-search+bn-mean-var", "kl"))})
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
@@ -257,9 +263,10 @@ def test_cli_switches_reach_the_config_of_any_method():
     from adderquant.cli import _quantize_run, build_parser
 
     args = ["quantize", "--method", "paper-unsigned", "--bits", "3", "--bn-correction", "mean", "--range-search",
-            "--learned-rounding", "7"]
+            "--range-search-scope", "group", "--range-search-metric", "centered", "--learned-rounding", "7"]
     assert _quantize_run(build_parser().parse_args(args)).quant == QuantConfig.paper_unsigned(
-        3, bn_correction="mean", range_search=True, learned_rounding=7)
+        3, bn_correction="mean", range_search=True, range_search_scope="group", range_search_metric="centered",
+        learned_rounding=7)
     assert _quantize_run(build_parser().parse_args(["quantize", "--method", "paper"])).quant == QuantConfig.paper(4)
 
 
@@ -471,23 +478,37 @@ def test_bn_correction_keeps_the_model_exportable(images):
 # ------------------------------------------------------------------------------------ range search
 
 
-def test_range_search_returns_the_brute_force_minimiser(images):
+@pytest.mark.parametrize("metric", ["mse", "centered", "fisher"])
+def test_range_search_returns_the_brute_force_minimiser(images, metric):
     """For each layer, the chosen r_x is the candidate whose rebuilt quantized layer has the smallest
-    output MSE — recomputed here by building every candidate layer through the public config path."""
+    output MSE (``centered``: after subtracting each output channel's mean error; ``fisher``: each
+    element weighted by its sensitivity, tested on its own below) — recomputed here by building every
+    candidate layer through the public config path."""
     from adderquant.quant.ptq import _adder_inputs, _quant_layer
+    from adderquant.quant.sensitivity import output_sensitivity
 
     fp = _tiny(images)
     calib = normalize(images, *NORM)
-    config = QuantConfig.paper(3, unsigned_activations=True, range_search=True, range_alphas=(0.9, 0.99, 1.0))
+    config = QuantConfig.paper(3, unsigned_activations=True, range_search=True, range_alphas=(0.9, 0.99, 1.0),
+                               range_search_metric=metric)
     result = quantize(fp, calib, config)
     obs = calibrate(fp, calib, config, min_alpha=0.9)
     inputs = _adder_inputs(fp, calib, config.range_search_images)
+
+    adders = {n: m for n, m in fp.named_modules() if isinstance(m, AdderConv2d)}
+    sensitivity = output_sensitivity(fp, calib[: config.range_search_images], adders)
+
+    def error(d, name):
+        if metric == "centered":
+            d = d - d.mean((0, 2, 3), keepdim=True)
+        return float((d.square() * sensitivity[name][1] if metric == "fisher" else d.square()).mean())
+
     for name, stats in result.layers.items():
         layer, o = fp.get_submodule(name), obs[name]
         candidates = {a: (o.percentile(a) if a < 1 else o.max) for a in config.range_alphas}
         with torch.no_grad():
-            errs = {a: float((_quant_layer(layer, r, config, stats["signed"]).eval()(inputs[name])
-                              - layer(inputs[name])).square().mean()) for a, r in candidates.items()}
+            errs = {a: error(_quant_layer(layer, r, config, stats["signed"]).eval()(inputs[name])
+                             - layer(inputs[name]), name) for a, r in candidates.items()}
         best = min(errs, key=errs.get)
         assert stats["r_x"] == candidates[best]
         assert stats["range_search"] == pytest.approx(errs)
@@ -595,7 +616,94 @@ def test_range_search_options_are_checked():
         QuantConfig.paper(4, range_search=True, range_alphas=(0.5, 1.5))
     with pytest.raises(ValueError, match="range_search_scope"):
         QuantConfig.paper(4, range_search=True, range_search_scope="channel")
+    with pytest.raises(ValueError, match="range_search_metric"):
+        QuantConfig.paper(4, range_search=True, range_search_metric="mae")
     with pytest.raises(ValueError, match="choose one"):
         QuantConfig.paper(4, bn_correction="mean", bn_recalibration=10)
     with pytest.raises(ValueError, match="bn_correction"):
         QuantConfig.paper(4, bn_correction="median")
+
+
+def _kl(model, x, fp_log_p) -> float:
+    with torch.no_grad():
+        return float(F.kl_div(F.log_softmax(model(x).double(), 1), fp_log_p, log_target=True, reduction="batchmean"))
+
+
+def test_kl_search_is_the_brute_force_minimiser_layer_by_layer(images):
+    """``range_search_metric="kl"``, one range per layer: for each adder layer in turn — the layers before
+    it at the ranges chosen, those after it float — no candidate gives a lower KL(p_fp ‖ p) on the search
+    images (computed here from scratch, in float64) than the chosen one; and the model the search ends
+    with is the model returned."""
+    from adderquant.quant.ptq import _quant_layer
+    from adderquant.utils import set_submodule
+
+    fp = _tiny(images)
+    calib = normalize(images, *NORM)
+    config = QuantConfig.paper(3, unsigned_activations=True, range_search=True, range_alphas=(0.9, 0.99, 1.0),
+                               range_search_metric="kl")
+    result = quantize(fp, calib, config)
+    obs = calibrate(fp, calib, config, min_alpha=0.9)
+    with torch.no_grad():
+        fp_log_p = F.log_softmax(fp(calib).double(), 1)
+    model = copy.deepcopy(fp)
+    improved = 0
+    for name, stats in result.layers.items():
+        layer, o = fp.get_submodule(name), obs[name]
+        candidates = {a: (o.percentile(a) if a < 1 else o.max) for a in config.range_alphas}
+        kls = {}
+        for a, r in candidates.items():
+            set_submodule(model, name, _quant_layer(layer, r, config, stats["signed"]).eval())
+            kls[a] = _kl(model, calib, fp_log_p)
+        report = stats["range_search"]["kl"]
+        assert kls[report["alphas"][0]] == pytest.approx(min(kls.values()), rel=1e-4, abs=1e-8)
+        assert stats["r_x"] == candidates[report["alphas"][0]]
+        assert report["kl"] <= report["kl_mse_choice"]
+        improved += report["kl"] < report["kl_mse_choice"]
+        set_submodule(model, name, _quant_layer(layer, stats["r_x"], config, stats["signed"]).eval())
+    assert improved > 0  # the KL overruled the MSE choice somewhere
+    with torch.no_grad():
+        assert torch.equal(model(calib), result.model(calib))
+
+
+@pytest.mark.parametrize("scope", ["group", "regroup"])
+def test_kl_search_per_group_scores_the_bn_corrected_model_it_returns(images, scope):
+    """Per group, with the BatchNorm correction: every layer's KL is at most its MSE choice's, the last
+    layer's KL is the KL of the returned model (corrected on the same images — so each candidate was
+    scored as the model it ends up in, from the float statistics), and the model exports bit-exactly."""
+    fp = _tiny(images)
+    calib = normalize(images, *NORM)
+    config = QuantConfig.paper(3, unsigned_activations=True, range_search=True, range_alphas=(0.9, 0.99, 1.0),
+                               range_search_scope=scope, range_search_metric="kl", bn_correction="mean_var")
+    result = quantize(fp, calib, config)
+    reports = [stats["range_search"]["kl"] for stats in result.layers.values()]
+    assert all(r["kl"] <= r["kl_mse_choice"] for r in reports)
+    assert all(len(r["alphas"]) == len(s["ranges"]) for r, s in zip(reports, result.layers.values(), strict=True))
+    with torch.no_grad():
+        fp_log_p = F.log_softmax(fp(calib).double(), 1)
+    assert _kl(result.model, calib, fp_log_p) == pytest.approx(reports[-1]["kl"], rel=1e-4, abs=1e-8)
+    exportable = config.with_(quantize_first_last=True)
+    _check_model(quantize(fp, calib, exportable).model, images[:2], numpy_images=1)
+
+
+def test_output_sensitivity_is_the_fisher_diagonal_by_brute_force():
+    """``F = Σ_k p_k (∂ log p_k/∂y)²`` per element of an adder layer's output, against the full Jacobian
+    of the log-probabilities with respect to that output (float64, every image and class)."""
+    from adderquant.quant.sensitivity import output_sensitivity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(AdderConv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                          nn.Flatten(), nn.Linear(16, 5)).double().eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-20, -10)
+        model[1].running_var.uniform_(20, 40)
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    (seen, weights), = output_sensitivity(model, x, {"0": model[0]}).values()
+    assert torch.equal(seen, x) and all(not p.requires_grad or p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        y = model[0](x)
+        log_p = F.log_softmax(model[1:](y), 1)
+    jac = torch.autograd.functional.jacobian(lambda v: F.log_softmax(model[1:](v), 1), y)  # (N, K, *y.shape)
+    expected = torch.stack([(log_p[n].exp().view(-1, 1, 1, 1) * jac[n, :, n].square()).sum(0)
+                            for n in range(x.shape[0])])
+    assert weights.shape == y.shape and (weights > 0).any()
+    assert torch.allclose(weights, expected, rtol=1e-10, atol=1e-14)

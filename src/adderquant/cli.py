@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 
 from .checkpoints import find_official_addernet
-from .quant.config import METHODS, RANGE_SEARCH_SCOPES
+from .quant.config import METHODS, RANGE_SEARCH_METRICS, RANGE_SEARCH_SCOPES
 from .utils import CHECKPOINTS_ENV, DATA_ENV, json_dumps
 
 
@@ -253,6 +253,10 @@ def _add_quantize(sub) -> argparse.ArgumentParser:
     p.add_argument("--range-search-scope", default=None, choices=RANGE_SEARCH_SCOPES,
                    help="one activation range per adder layer, per weight group, or groups formed by the search "
                         "(regroup) (ours: as chosen per width)")
+    p.add_argument("--range-search-metric", default=None, choices=RANGE_SEARCH_METRICS,
+                   help="what scores a candidate range: the layer's output mse, the mse less each channel's mean "
+                        "error (centered), the mse weighted by each element's effect on the prediction (fisher), "
+                        "or the whole model's KL from the float one (kl: minutes)")
     p.add_argument("--learned-rounding", type=int, default=None, metavar="N",
                    help="learn the adder weights' rounding, N iterations per block (any method; ours: 200 where "
                         "chosen)")
@@ -311,6 +315,7 @@ def _quantize_run(args):
     overrides = {k: v for k, v in {"groups": args.groups, "alpha": args.alpha,
                                    "bn_recalibration": args.bn_recalibration, "bn_correction": args.bn_correction,
                                    "range_search": args.range_search, "range_search_scope": args.range_search_scope,
+                                   "range_search_metric": args.range_search_metric,
                                    "learned_rounding": args.learned_rounding}.items() if v is not None}
     if args.quantize_first_last or args.export:
         overrides["quantize_first_last"] = True

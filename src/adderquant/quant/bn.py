@@ -140,6 +140,10 @@ def bn_input_moments(model: nn.Module, x: torch.Tensor, adjust=None) -> dict[str
     """Per BatchNorm (by name): mean and variance of its input over the whole tensor ``x``, in float64.
     ``adjust(name, bn, mean, var)``, when given, runs before that BatchNorm's forward — so a change it
     makes is what every later layer of the same pass sees."""
+    return _moments_pass(model, x, adjust)[0]
+
+
+def _moments_pass(model: nn.Module, x: torch.Tensor, adjust) -> tuple[dict, torch.Tensor]:
     moments = {}
 
     def record(name, bn, inputs):
@@ -151,11 +155,12 @@ def bn_input_moments(model: nn.Module, x: torch.Tensor, adjust=None) -> dict[str
 
     bns = {n: m for n, m in model.named_modules() if m in set(_batchnorms(model))}
     with hooked(model, bns, record), torch.no_grad():
-        model(x)
-    return moments
+        out = model(x)
+    return moments, out
 
 
-def correct_bn(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, mode: str = "mean_var") -> None:
+def correct_bn(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, mode: str = "mean_var", *,
+               fp_moments: dict | None = None) -> torch.Tensor:
     """Correct each BatchNorm of ``qmodel`` (in place) for the shift quantization causes in its input.
 
     Unlike re-estimation, the full-precision model's stored statistics stay the reference: on the same
@@ -164,11 +169,13 @@ def correct_bn(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, mode
     ``μ_r' = μ_q − (σ_q/σ_f)·(μ_f − μ_r)`` (``mean_var``), so the quantized model normalises its inputs
     the way the float model normalises its own; ``mean`` corrects the mean only (``μ_r' = μ_r + μ_q −
     μ_f``, classic bias correction). One pass over ``calib`` as a single batch, BatchNorms in execution
-    order: each correction is in place before the next BatchNorm's input is measured.
+    order: each correction is in place before the next BatchNorm's input is measured. ``fp_moments``:
+    the float model's moments on ``calib`` (:func:`bn_input_moments`) when already known. Returns
+    ``qmodel``'s output on ``calib`` from that pass, which is the corrected model's.
     """
     if mode not in ("mean", "mean_var"):
         raise ValueError(f"BN correction mode must be 'mean' or 'mean_var', got {mode!r}")
-    fp = bn_input_moments(fp_model.eval(), calib)
+    fp = bn_input_moments(fp_model.eval(), calib) if fp_moments is None else fp_moments
 
     def adjust(name, bn, mu_q, var_q):
         mu_f, var_f = fp[name]
@@ -181,7 +188,7 @@ def correct_bn(qmodel: nn.Module, fp_model: nn.Module, calib: torch.Tensor, mode
         bn.running_mean.copy_(mu_q - ratio * (mu_f - mu_r))
         bn.running_var.copy_(((sigma_r * ratio) ** 2 - bn.eps).clamp_min(0))
 
-    bn_input_moments(qmodel.eval(), calib, adjust)
+    return _moments_pass(qmodel.eval(), calib, adjust)[1]
 
 
 __all__ = ["bn_input_moments", "correct_bn", "reestimate_bn"]

@@ -62,6 +62,13 @@ class QuantConfig:
       each output channel joins the group of the candidate range that serves it best, with at most
       ``groups`` ranges per layer (the best subset of candidates, found exhaustively) — still one
       shared scale per group, the groups no longer clustered by max|W|.
+      ``range_search_metric`` is what a candidate is scored by: ``mse`` (the layer's output MSE);
+      ``centered`` (the MSE left after removing each output channel's mean error — the part a BatchNorm
+      correction removes anyway); ``fisher`` (each element's squared error weighted by how much it moves
+      the float model's prediction: the diagonal Gauss–Newton weight of KL(p_fp ‖ p),
+      :mod:`adderquant.quant.sensitivity`); or ``kl`` (layer by layer, starting from the MSE choice, the
+      candidate whose whole model predicts closest to the float model on the search images, BatchNorm
+      correction included: :mod:`adderquant.quant.kl_search` — minutes, not seconds).
     - ``bn_correction`` (beyond the paper and the authors): keep the float model's BatchNorm statistics
       and correct each for the shift quantization causes in its input, measured against the float
       model on the same calibration images (``mean``, or ``mean_var`` for mean and scale;
@@ -98,6 +105,7 @@ class QuantConfig:
     range_alphas: tuple[float, ...] = (0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0)
     range_search_images: int = 64
     range_search_scope: str = "layer"  # one r_x per adder layer, per weight "group", or groups formed by it ("regroup")
+    range_search_metric: str = "mse"  # what scores a candidate: "mse", "centered", "fisher" or "kl" (see above)
     learned_rounding: int = 0  # AdaRound iterations per block; 0 = off (quant/rounding.py)
     rounding_batch_size: int = 32
     rounding_lr: float = 1e-3
@@ -143,6 +151,9 @@ class QuantConfig:
         if self.range_search_scope not in RANGE_SEARCH_SCOPES:
             raise ValueError(f"range_search_scope must be one of {RANGE_SEARCH_SCOPES}, "
                              f"got {self.range_search_scope!r}")
+        if self.range_search_metric not in RANGE_SEARCH_METRICS:
+            raise ValueError(f"range_search_metric must be one of {RANGE_SEARCH_METRICS}, "
+                             f"got {self.range_search_metric!r}")
         if self.bn_correction not in (None, "mean", "mean_var"):
             raise ValueError(f"bn_correction must be None, 'mean' or 'mean_var', got {self.bn_correction!r}")
         if self.bn_correction and self.bn_recalibration:
@@ -260,21 +271,22 @@ OURS_SWITCHES: dict[int, dict] = {
     7: {"range_search": True, "range_search_scope": "regroup", "bn_correction": "mean_var"},  # not measured: 8's
     6: {"range_search": True, "range_search_scope": "regroup", "range_alphas": FINE_RANGE_ALPHAS,
         "bn_correction": "mean_var"},
-    5: {"range_search": True, "range_search_scope": "regroup", "bn_correction": "mean_var"},
+    5: {"range_search": True, "range_search_scope": "regroup", "range_search_metric": "centered",
+        "bn_correction": "mean_var"},
     4: {"range_search": True, "range_search_scope": "group", "bn_correction": "mean_var"},
     3: {"range_search": True, "range_search_scope": "regroup", "range_alphas": FINE_RANGE_ALPHAS,
+        "range_search_metric": "centered", "bn_correction": "mean_var"},
+    2: {"range_search": True, "range_search_scope": "regroup", "range_search_metric": "fisher",
         "bn_correction": "mean_var"},
-    2: {"range_search": True, "range_search_scope": "regroup", "range_alphas": FINE_RANGE_ALPHAS,
-        "bn_recalibration": 50},
 }
 
 # What ``QuantConfig.ours`` adds at each width: the set, with or without learned rounding (200 iterations
 # per block), with the lowest mean held-out KL of every set scripts/ptq_select.py measured at that width.
 OURS_BEST: dict[int, dict] = {
-    **{bits: OURS_SWITCHES[bits] for bits in (8, 7, 5, 4)},
+    **{bits: OURS_SWITCHES[bits] for bits in (8, 7, 5, 4, 3)},
     6: {"range_search": True, "bn_correction": "mean", "learned_rounding": 200},
-    3: {**OURS_SWITCHES[3], "learned_rounding": 200},
-    2: {**OURS_SWITCHES[2], "learned_rounding": 200},
+    2: {"range_search": True, "range_search_scope": "regroup", "range_alphas": FINE_RANGE_ALPHAS,
+        "bn_recalibration": 50, "learned_rounding": 200},
 }
 
 
@@ -297,6 +309,7 @@ def check_rounding_options(iters, batch_size, lr) -> None:
 
 
 RANGE_SEARCH_SCOPES = ("layer", "group", "regroup")
+RANGE_SEARCH_METRICS = ("mse", "centered", "fisher", "kl")
 QSSF_OVERRIDES = {"quantize_first_last", "first_last_bits", "bn_recalibration", "bn_momentum", "bn_batch_size",
                   "bn_pad", "bn_correction", "learned_rounding", "rounding_batch_size", "rounding_lr"}
 

@@ -22,8 +22,10 @@ from .bn import correct_bn, reestimate_bn
 from .config import QSSF_OVERRIDES, QuantConfig
 from .first_last import QuantFirstLast
 from .grouping import error_groups, group_channels, per_group_errors
+from .kl_search import kl_refine
 from .observers import AbsRangeObserver
 from .rounding import learn_rounding
+from .sensitivity import output_sensitivity
 from .uniform import int_range, scale_for_range
 
 
@@ -293,16 +295,23 @@ def grid_signed(config: QuantConfig, obs: AbsRangeObserver) -> bool:
 
 @torch.no_grad()
 def candidate_errors(module: AdderConv2d, x: torch.Tensor, obs: AbsRangeObserver, config: QuantConfig,
-                     signed: bool) -> tuple[list[float], list[float], torch.Tensor, torch.Tensor]:
+                     signed: bool, weight: torch.Tensor | None = None
+                     ) -> tuple[list[float], list[float], torch.Tensor, torch.Tensor]:
     """The layer quantized at each candidate range (the observer's percentiles at ``config.range_alphas``)
     against the float layer on ``x``: the ranges, the output MSE of each, each output channel's summed
-    squared error (float64, candidates × channels) and the k-means group labels the candidates share."""
+    squared error (float64, candidates × channels) and the k-means group labels the candidates share.
+    ``weight`` (the output's shape) weighs each element's squared error (the ``fisher`` metric)."""
     target = module(x)
     ranges = [obs.percentile(a) if a < 1 else obs.max for a in config.range_alphas]
     mse, per_channel, group_of = [], [], None
     for r_x in ranges:
         layer = _quant_layer(module, r_x, config, signed).eval()
-        squared = (layer(x) - target).square()
+        diff = layer(x) - target
+        if config.range_search_metric == "centered":
+            diff = diff - diff.mean((0, 2, 3), keepdim=True)
+        squared = diff.square()
+        if weight is not None:
+            squared = squared * weight
         mse.append(float(squared.mean()))
         per_channel.append(squared.double().sum((0, 2, 3)))
         group_of = layer.group_of
@@ -310,7 +319,8 @@ def candidate_errors(module: AdderConv2d, x: torch.Tensor, obs: AbsRangeObserver
 
 
 def search_range(module: AdderConv2d, x: torch.Tensor, obs: AbsRangeObserver, config: QuantConfig,
-                 signed: bool) -> tuple[float | list[float], torch.Tensor | None, dict]:
+                 signed: bool, weight: torch.Tensor | None = None
+                 ) -> tuple[float | list[float], torch.Tensor | None, dict]:
     """The activation range r_x, among the observer's percentiles at ``config.range_alphas``, whose
     quantized layer — groups, shared scales and the Theorem-1 fold all rebuilt for that r_x — gives the
     smallest mean squared error against the full-precision layer's output on ``x``. Returns it, the
@@ -321,9 +331,10 @@ def search_range(module: AdderConv2d, x: torch.Tensor, obs: AbsRangeObserver, co
     group, because a group's outputs depend on its shared range alone. ``"regroup"``: the groups
     themselves follow the errors — at most ``config.groups`` candidates, each channel in the group of
     the one that serves it best (:func:`~adderquant.quant.grouping.error_groups`). The report then
-    holds each group's chosen α under ``"group_alphas"``."""
+    holds each group's chosen α under ``"group_alphas"``. ``weight`` weighs each output element's squared
+    error (``range_search_metric="fisher"``: :func:`~adderquant.quant.sensitivity.output_sensitivity`)."""
     alphas = list(config.range_alphas)
-    ranges, mse, per_channel, group_of = candidate_errors(module, x, obs, config, signed)
+    ranges, mse, per_channel, group_of = candidate_errors(module, x, obs, config, signed, weight)
     errors = dict(zip(alphas, mse, strict=True))
     if config.range_search_scope == "layer":
         return ranges[min(range(len(mse)), key=mse.__getitem__)], None, errors  # ties: the first candidate
@@ -396,8 +407,15 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
     if config.scale_source == "best":
         return _best_qssf(model, calib, config, batch_size, observers, labels)
     q = copy.deepcopy(model).eval()
-    stats = {}
-    inputs = _adder_inputs(model, calib, config.range_search_images) if config.range_search else {}
+    stats, start, signed_of, searched_of = {}, {}, {}, {}
+    inputs, weights = {}, {}
+    if config.range_search and config.range_search_metric == "fisher":
+        adders = {n: m for n, m in model.named_modules() if isinstance(m, AdderConv2d)}
+        for n, (x, w) in output_sensitivity(model, calibration_tensor(calib, config.range_search_images),
+                                            adders).items():
+            inputs[n], weights[n] = x, w
+    elif config.range_search:
+        inputs = _adder_inputs(model, calib, config.range_search_images)
     for name, obs in progress_bar(list(observers.items()), "range search", progress and config.range_search,
                                   unit="layer"):
         module = q.get_submodule(name)
@@ -406,17 +424,30 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
         if isinstance(module, AdderConv2d):
             signed = grid_signed(config, obs)
             if config.range_search:
-                r_x, group_of, searched = search_range(module, inputs[name], obs, config, signed)
+                r_x, group_of, searched = search_range(module, inputs[name], obs, config, signed, weights.get(name))
             else:
                 r_x, group_of, searched = obs.range(config.act_clamp, config.act_clamp_mode, config.alpha), None, None
+            if config.range_search_metric == "kl":  # built by the KL pass below, the layer float until then
+                start[name], signed_of[name], searched_of[name] = (r_x, group_of), signed, searched
+                continue
             new = _quant_layer(module, r_x, config, signed, group_of)
-            per_group = r_x if isinstance(r_x, list) else None
-            stats[name] = {"r_x": max(per_group) if per_group else r_x, "r_x_groups": per_group,
-                           "max_abs_x": obs.max, "signed": signed, "ranges": new.ranges.tolist(),
-                           "max_abs_w": float(module.weight.detach().abs().max()), "range_search": searched}
+            stats[name] = _layer_stats(module, new, r_x, obs, signed, searched)
         else:
             new = QuantFirstLast(module, obs.max, config.first_last_bits)
         set_submodule(q, name, new)
+    if start:
+        floats = {n: q.get_submodule(n) for n in start}
+        candidates = {n: [observers[n].percentile(a) if a < 1 else observers[n].max for a in config.range_alphas]
+                      for n in start}
+        refined = kl_refine(q, model, start, candidates,
+                            lambda n, r, g: _quant_layer(floats[n], r, config, signed_of[n], g),
+                            calibration_tensor(calib, config.range_search_images), config.bn_correction, progress)
+        for n, report in refined.items():
+            chosen = [candidates[n][i] for i in report["chosen"]]
+            searched_of[n]["kl"] = {"alphas": [config.range_alphas[i] for i in report["chosen"]],
+                                    "kl_mse_choice": report["kl_mse_choice"], "kl": report["kl"]}
+            stats[n] = _layer_stats(floats[n], q.get_submodule(n), chosen if isinstance(start[n][0], list)
+                                    else chosen[0], observers[n], signed_of[n], searched_of[n])
     rounding = None
     if config.learned_rounding:  # before the BatchNorm options (docstring)
         rounding = learn_rounding(q, model, calib, config.learned_rounding, batch_size=config.rounding_batch_size,
@@ -429,6 +460,14 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
         for _ in progress_bar([calib], "BN correction", progress, unit="pass"):
             correct_bn(q, model, calibration_tensor(calib), config.bn_correction)
     return QuantResult(q, config, stats, rounding=rounding)
+
+
+def _layer_stats(module: AdderConv2d, new: QuantAdderConv2d, r_x, obs: AbsRangeObserver, signed: bool,
+                 searched: dict | None) -> dict:
+    per_group = r_x if isinstance(r_x, list) else None
+    return {"r_x": max(per_group) if per_group else r_x, "r_x_groups": per_group, "max_abs_x": obs.max,
+            "signed": signed, "ranges": new.ranges.tolist(), "max_abs_w": float(module.weight.detach().abs().max()),
+            "range_search": searched}
 
 
 def pad_fill(pad, calib: torch.Tensor) -> torch.Tensor | None:
