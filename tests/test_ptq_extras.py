@@ -271,6 +271,7 @@ def test_cli_switches_reach_the_config_of_any_method():
 
 
 @pytest.mark.parametrize("flags", [["--method", "qssf", "--range-search"], ["--learned-rounding", "-1"],
+                                   ["--method", "paper", "--range-search-metric", "kl"],
                                    ["--method", "paper", "--bn-correction", "mean", "--bn-recalibration", "3"]])
 def test_cli_refuses_bad_switches_in_one_line_before_any_work(flags, capsys, tmp_path, monkeypatch):
     from adderquant.cli import main
@@ -618,6 +619,8 @@ def test_range_search_options_are_checked():
         QuantConfig.paper(4, range_search=True, range_search_scope="channel")
     with pytest.raises(ValueError, match="range_search_metric"):
         QuantConfig.paper(4, range_search=True, range_search_metric="mae")
+    with pytest.raises(ValueError, match="needs range_search=True"):
+        QuantConfig.paper(4, range_search_metric="kl")
     with pytest.raises(ValueError, match="choose one"):
         QuantConfig.paper(4, bn_correction="mean", bn_recalibration=10)
     with pytest.raises(ValueError, match="bn_correction"):

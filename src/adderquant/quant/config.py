@@ -154,6 +154,9 @@ class QuantConfig:
         if self.range_search_metric not in RANGE_SEARCH_METRICS:
             raise ValueError(f"range_search_metric must be one of {RANGE_SEARCH_METRICS}, "
                              f"got {self.range_search_metric!r}")
+        if self.range_search_metric != "mse" and not self.range_search:
+            raise ValueError(f"range_search_metric={self.range_search_metric!r} scores the range search: "
+                             "it needs range_search=True")
         if self.bn_correction not in (None, "mean", "mean_var"):
             raise ValueError(f"bn_correction must be None, 'mean' or 'mean_var', got {self.bn_correction!r}")
         if self.bn_correction and self.bn_recalibration:

@@ -293,6 +293,11 @@ def grid_signed(config: QuantConfig, obs: AbsRangeObserver) -> bool:
     return False if config.weight_grid == "double_step" else not (config.unsigned_activations and obs.min >= 0)
 
 
+def candidate_ranges(obs: AbsRangeObserver, config: QuantConfig) -> list[float]:
+    """The range search's candidates: the observer's percentiles at ``config.range_alphas`` (1: its max)."""
+    return [obs.percentile(a) if a < 1 else obs.max for a in config.range_alphas]
+
+
 @torch.no_grad()
 def candidate_errors(module: AdderConv2d, x: torch.Tensor, obs: AbsRangeObserver, config: QuantConfig,
                      signed: bool, weight: torch.Tensor | None = None
@@ -302,7 +307,7 @@ def candidate_errors(module: AdderConv2d, x: torch.Tensor, obs: AbsRangeObserver
     squared error (float64, candidates × channels) and the k-means group labels the candidates share.
     ``weight`` (the output's shape) weighs each element's squared error (the ``fisher`` metric)."""
     target = module(x)
-    ranges = [obs.percentile(a) if a < 1 else obs.max for a in config.range_alphas]
+    ranges = candidate_ranges(obs, config)
     mse, per_channel, group_of = [], [], None
     for r_x in ranges:
         layer = _quant_layer(module, r_x, config, signed).eval()
@@ -437,8 +442,7 @@ def quantize_adder(model: nn.Module, calib, config: QuantConfig, batch_size: int
         set_submodule(q, name, new)
     if start:
         floats = {n: q.get_submodule(n) for n in start}
-        candidates = {n: [observers[n].percentile(a) if a < 1 else observers[n].max for a in config.range_alphas]
-                      for n in start}
+        candidates = {n: candidate_ranges(observers[n], config) for n in start}
         refined = kl_refine(q, model, start, candidates,
                             lambda n, r, g: _quant_layer(floats[n], r, config, signed_of[n], g),
                             calibration_tensor(calib, config.range_search_images), config.bn_correction, progress)
